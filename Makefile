@@ -1,0 +1,37 @@
+# The two commands of the course: `make course` and `make test`. Both create .venv on first use.
+PROFILE ?= cpu
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+
+.PHONY: course test lint lab clean-notebooks bench help
+
+help:
+	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
+	@echo "make test                                  unit tests + every notebook at the test profile"
+	@echo "make lab                                   JupyterLab on the notebooks"
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on a CPU machine, never a CUDA download pulled in by a range.
+	$(PY) -m pip install -q -c requirements/constraints.txt "torch==$$(sed -n 's/^torch==//p' requirements/constraints.txt)"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test,notebooks]"
+	touch $(STAMP)
+
+course: $(STAMP)
+	$(PY) -m spinmeround_lite.course run --profile $(PROFILE)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	.venv/bin/ruff check .
+
+lab: $(STAMP)
+	.venv/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) -m spinmeround_lite.bench
+
+clean-notebooks: $(STAMP)
+	$(PY) tools/clean_notebooks.py notebooks/*.ipynb

@@ -1,0 +1,189 @@
+"""The course runner: executes ``notebooks/NN_*.ipynb`` in order with papermill.
+
+    python -m spinmeround_lite.course list
+    python -m spinmeround_lite.course run --profile cpu [--out DIR] [--only 00 03] [--fresh]
+
+Every artifact lands in the run folder (default ``runs/<profile>/``): executed notebooks, data, checkpoints,
+images, and ``summary.json`` with each notebook's status, seconds and recorded figures. The runner stops at
+the first failing notebook and names it and its failing cell. A rerun reuses complete artifacts unless
+``--fresh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .profiles import PROFILES
+from .runs import find_repo_root, read_json, write_json
+
+
+def notebooks_dir() -> Path:
+    root = find_repo_root(Path(__file__).parent) or find_repo_root()
+    if root is None:
+        raise SystemExit("cannot find the course's notebooks/ folder: run this from inside the course checkout")
+    return root / "notebooks"
+
+
+def list_notebooks(folder: Path | None = None) -> list[Path]:
+    folder = folder or notebooks_dir()
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def notebook_title(path: Path) -> str:
+    """The first heading of the notebook's first markdown cell."""
+    nb = json.loads(path.read_text())
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            for line in "".join(cell.get("source", "")).splitlines():
+                if line.strip().startswith("#"):
+                    return line.strip().lstrip("#").strip()
+    return ""
+
+
+def select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
+    if not only:
+        return notebooks
+    chosen = [p for p in notebooks if any(p.stem == o or p.stem.startswith(o) for o in only)]
+    if not chosen:
+        names = ", ".join(p.stem for p in notebooks)
+        raise SystemExit(f"--only {' '.join(only)} matches no notebook; the notebooks are: {names}")
+    return chosen
+
+
+def _commit() -> str:
+    try:
+        root = find_repo_root(Path(__file__).parent)
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _device_name() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run_course(profile: str, out: str | os.PathLike | None = None, only: list[str] | None = None,
+               fresh: bool = False, seed: int = 0, timeout: int | None = None,
+               notebooks: list[Path] | None = None, progress: bool = True) -> dict:
+    """Run the notebooks at ``profile``; return the summary (also written to ``<out>/summary.json``)."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    if profile not in PROFILES:
+        raise SystemExit(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    all_nbs = notebooks if notebooks is not None else list_notebooks()
+    chosen = select(all_nbs, only)
+    root = Path(out) if out else (find_repo_root(Path(__file__).parent) or Path.cwd()) / "runs" / profile
+    root = root.resolve()
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    summary_path = root / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() and not fresh else {}
+    summary.update({
+        "profile": profile, "run_dir": str(root), "commit": _commit(), "device": _device_name(),
+        "python": platform.python_version(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    })
+    summary.setdefault("notebooks", {})
+    for p in chosen:   # this run's notebooks start pending, in order
+        summary["notebooks"][p.stem] = {"status": "pending"}
+    write_json(summary_path, summary)
+
+    env_backup = {k: os.environ.get(k) for k in ("SMR_PROFILE", "SMR_RUN_DIR")}
+    os.environ["SMR_PROFILE"], os.environ["SMR_RUN_DIR"] = profile, str(root)
+    failed = None
+    bar = tqdm(chosen, desc=f"course [{profile}]", unit="notebook", disable=not progress)
+    try:
+        for nb in bar:
+            bar.set_postfix_str(nb.stem)
+            out_nb = root / "notebooks" / nb.name
+            out_nb.parent.mkdir(parents=True, exist_ok=True)
+            fig_path = root / "figures" / f"{nb.stem}.json"
+            if fig_path.exists():
+                fig_path.unlink()           # figures of this execution only
+            entry = {"status": "running"}
+            t0 = time.perf_counter()
+            try:
+                pm.execute_notebook(
+                    str(nb), str(out_nb), parameters={"profile": profile, "run_dir": str(root), "seed": seed},
+                    cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=False,
+                    execution_timeout=timeout,
+                )
+                entry["status"] = "ok"
+            except pm.PapermillExecutionError as e:
+                # cell_index counts cells of the executed notebook (papermill adds one after `parameters`)
+                src = (e.source or "").strip().splitlines()
+                entry.update(status="failed", failed_cell=e.cell_index, failed_source=src[0][:200] if src else "",
+                             error=f"{e.ename}: {e.evalue}")
+                failed = (nb.stem, e.cell_index, f"{e.ename}: {e.evalue}")
+            except Exception as e:  # kernel died, timeout, bad notebook
+                entry.update(status="failed", failed_cell=None, error=f"{type(e).__name__}: {e}")
+                failed = (nb.stem, None, f"{type(e).__name__}: {e}")
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            entry["figures"] = read_json(fig_path) if fig_path.exists() else {}
+            entry["executed"] = str(out_nb.relative_to(root))
+            summary["notebooks"][nb.stem] = entry
+            summary["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+            write_json(summary_path, summary)
+            if failed:
+                break
+    finally:
+        bar.close()
+        for k, v in env_backup.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    summary["status"] = "failed" if failed else "ok"
+    write_json(summary_path, summary)
+    if failed:
+        name, cell, err = failed
+        where = f"cell {cell}" if cell is not None else "before any cell finished"
+        print(f"\nFAILED: notebook {name}, {where}: {err}\n"
+              f"  executed notebook with the traceback: {root / 'notebooks' / (name + '.ipynb')}", file=sys.stderr)
+    else:
+        print(f"\nall {len(chosen)} notebooks ok; summary: {summary_path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spinmeround_lite.course", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="print the notebooks, one line each")
+    r = sub.add_parser("run", help="execute the notebooks in order with papermill")
+    r.add_argument("--profile", default="cpu", choices=list(PROFILES), help="size of the run (default: cpu)")
+    r.add_argument("--out", default=None, help="run folder (default: runs/<profile>/)")
+    r.add_argument("--only", nargs="+", default=None, metavar="NN", help="run only these notebooks (number or name)")
+    r.add_argument("--fresh", action="store_true", help="delete the run folder first; rebuild every artifact")
+    r.add_argument("--seed", type=int, default=0, help="seed passed to every notebook")
+    r.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds (default: none)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.cmd == "list":
+        for p in list_notebooks():
+            print(f"{p.stem:<28} {notebook_title(p)}")
+        return 0
+    summary = run_course(args.profile, args.out, args.only, args.fresh, args.seed, args.timeout,
+                         progress=not args.quiet)
+    return 0 if summary["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The run folder: where every notebook of one profile writes its artifacts and figures.
+
+Layout of ``runs/<profile>/``::
+
+    summary.json                 written by the course runner
+    figures/<notebook>.json      figures each notebook recorded (``run.record``)
+    notebooks/<notebook>.ipynb   executed notebooks (course runner)
+    data/                        procedural heads (notebook 00)
+    models/<name>/               trained parts: ``model.safetensors`` + ``config.json`` + ``COMPLETE``
+    images/                      pictures the notebooks save
+
+An artifact is complete when its folder holds a ``COMPLETE`` marker, written last. Every file is written
+to a temporary name and renamed, so an interrupted run never leaves a half-written file that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .profiles import Profile, get_profile
+
+ENV_PROFILE = "SMR_PROFILE"      # default profile of a notebook run with no parameters (JupyterLab, nbmake)
+ENV_RUN_DIR = "SMR_RUN_DIR"      # default run folder likewise
+DEFAULT_PROFILE = "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it and rerun the step that writes it") from None
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, torch.Tensor):
+        return o.detach().cpu().tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def clean_figure(value: Any) -> Any:
+    """Make a figure JSON-friendly: tensors and arrays to lists, NaN/inf to None."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().tolist() if value.ndim else value.item()
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): clean_figure(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_figure(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# devices and seeds
+# ----------------------------------------------------------------------------------------------
+def pick_device(prefer: str | None = None) -> torch.device:
+    """CUDA when present, else CPU (``prefer`` forces one, e.g. ``"cpu"``)."""
+    if prefer:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_repo_root(start: str | os.PathLike | None = None) -> Path | None:
+    """The course checkout that contains ``start`` (a folder with ``pyproject.toml`` and ``notebooks/``)."""
+    p = Path(start or os.getcwd()).resolve()
+    for q in [p, *p.parents]:
+        if (q / "pyproject.toml").exists() and (q / "notebooks").is_dir():
+            return q
+    return None
+
+
+def default_run_dir(profile: str) -> Path:
+    env = os.environ.get(ENV_RUN_DIR)
+    if env:
+        return Path(env)
+    root = find_repo_root() or Path.cwd()
+    return root / "runs" / profile
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+class Run:
+    """One run folder of one profile, opened by a notebook or by package code.
+
+    ``Run.open(profile="", run_dir="", notebook="00_procedural_heads")`` resolves empty parameters from the
+    environment (``SMR_PROFILE``, ``SMR_RUN_DIR``) and then from defaults (``cpu``, ``<repo>/runs/<profile>``).
+    """
+
+    def __init__(self, profile: Profile | str, root: str | os.PathLike, notebook: str | None = None,
+                 seed: int = 0, device: str | torch.device | None = None):
+        self.profile = get_profile(profile)
+        self.root = Path(root).resolve()
+        self.notebook = notebook
+        self.seed = seed
+        self.device = torch.device(device) if device else pick_device()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open(cls, profile: str = "", run_dir: str = "", notebook: str | None = None, seed: int = 0,
+             device: str = "") -> "Run":
+        profile = profile or os.environ.get(ENV_PROFILE) or DEFAULT_PROFILE
+        root = Path(run_dir) if run_dir else default_run_dir(profile)
+        run = cls(profile, root, notebook=notebook, seed=seed, device=device or None)
+        seed_everything(seed)
+        return run
+
+    def __repr__(self) -> str:
+        return f"Run(profile={self.profile.name!r}, root='{self.root}', device='{self.device}')"
+
+    # paths -------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def image_path(self, name: str) -> Path:
+        return self.path("images", name)
+
+    # figures -----------------------------------------------------------------------------------
+    def figures_path(self, notebook: str | None = None) -> Path:
+        nb = notebook or self.notebook or "scratch"
+        return self.root / "figures" / f"{nb}.json"
+
+    def figures(self, notebook: str | None = None) -> dict:
+        p = self.figures_path(notebook)
+        return read_json(p) if p.exists() else {}
+
+    def record(self, name: str | None = None, value: Any = None, **more: Any) -> dict:
+        """Record figures of this notebook: ``run.record("psnr", 31.2)`` or ``run.record(psnr=31.2, ...)``.
+
+        They land in ``figures/<notebook>.json`` at once (atomically), and the course runner copies them
+        into ``summary.json``. Returns everything recorded so far by this notebook.
+        """
+        figs = self.figures()
+        if name is not None:
+            more = {name: value, **more}
+        figs.update({k: clean_figure(v) for k, v in more.items()})
+        write_json(self.figures_path(), figs)
+        return figs
+
+    # artifacts ---------------------------------------------------------------------------------
+    @staticmethod
+    def is_complete(folder: str | os.PathLike) -> bool:
+        return (Path(folder) / "COMPLETE").exists()
+
+    @staticmethod
+    def mark_complete(folder: str | os.PathLike, info: dict | None = None) -> None:
+        write_json(Path(folder) / "COMPLETE", info or {})
+
+    def ensure(self, folder: str | os.PathLike, build: Callable[[Path], Any], fresh: bool = False) -> Path:
+        """Build ``folder`` with ``build(folder)`` unless it is already complete; mark it complete after.
+
+        A half-built folder (no ``COMPLETE``) is removed and built again.
+        """
+        folder = Path(folder)
+        if fresh or not self.is_complete(folder):
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            build(folder)
+            self.mark_complete(folder)
+        return folder
+
+    # reference checkpoints ---------------------------------------------------------------------
+    def reference_dir(self, name: str) -> Path | None:
+        """``reference/<profile>/<name>`` of the checkout when this profile uses reference checkpoints."""
+        if not self.profile.use_reference:
+            return None
+        root = find_repo_root(Path(__file__).parent) or find_repo_root()
+        if root is None:
+            return None
+        d = root / "reference" / self.profile.name / name
+        return d if self.is_complete(d) else None
