@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 course: $(STAMP)
 	$(PY) -m spinmeround_lite.course run --profile $(PROFILE)
 
+# Unit tests, then every notebook at the test profile (nbmake) in one shared run folder, then the figures check.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks
 
 lint: $(STAMP)
 	.venv/bin/ruff check .

@@ -26,6 +26,27 @@ from .profiles import PROFILES
 from .runs import find_repo_root, read_json, write_json
 
 
+# The figures each notebook must record (the course's contract with its issues); the runner lists any missing.
+REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
+    "00_procedural_heads": ("identities", "views_per_identity", "resolution", "render_views_per_s", "mean_head_ssim"),
+    "01_identity_tokens": ("same_id_cos", "diff_id_cos", "verification_auc", "context_shape"),
+    "02_ray_maps": ("raymap_channels", "center_ray_max_err"),
+    "03_latent_space": ("vae_psnr_rgb", "vae_normal_angle_err_deg", "latent_scale"),
+    "04_3d_attention": ("unet_params", "in_channels", "out_channels", "attention_speedup_fused_vs_naive",
+                        "attention_memory_ratio"),
+    "05_edm_training": ("train_steps", "samples_per_s", "final_loss", "checkpoint"),
+    "06_normal_inpainting": ("normal_angle_err_deg",),
+    "07_anchor_sampling": ("views", "spin_seconds", "anchor_ssim", "anchor_psnr"),
+    "08_gaussian_splatting": ("splat_psnr_train", "splat_psnr_heldout_views", "gaussians", "fit_seconds", "backend"),
+    "09_evaluation": ("l2", "ssim", "lpips", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg"),
+}
+
+
+def missing_figures(notebook: str, figures: dict) -> list[str]:
+    """Names of the required figures ``notebook`` did not record."""
+    return [k for k in REQUIRED_FIGURES.get(notebook, ()) if k not in figures]
+
+
 def notebooks_dir() -> Path:
     root = find_repo_root(Path(__file__).parent) or find_repo_root()
     if root is None:
@@ -137,6 +158,8 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
                 failed = (nb.stem, None, f"{type(e).__name__}: {e}")
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             entry["figures"] = read_json(fig_path) if fig_path.exists() else {}
+            if entry["status"] == "ok":
+                entry["missing_figures"] = missing_figures(nb.stem, entry["figures"])
             entry["executed"] = str(out_nb.relative_to(root))
             summary["notebooks"][nb.stem] = entry
             summary["finished"] = _dt.datetime.now().isoformat(timespec="seconds")

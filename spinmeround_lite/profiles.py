@@ -45,8 +45,10 @@ class Profile:
     # --- multi-view UNet (notebook 04) ---------------------------------------------------
     unet_channels: tuple = (64, 128, 128)
     unet_layers_per_block: int = 1
-    unet_head_dim: int = 32             # attention_head_dim
-    unet_3d_levels: int = -1            # levels with 3D attention; -1 = all but the finest
+    unet_head_dim: int = 32             # channels per attention head (heads = channels // this)
+    unet_heads: int = 0                 # fixed head count at every level instead (SD1.5: 8); 0 = use unet_head_dim
+    unet_attn_levels: tuple = ()        # levels with attention blocks; () = all (SD1.5: all but the coarsest)
+    unet_3d_levels: int = -1            # how many of the coarsest levels use 3D attention; -1 = all but the finest
     unet_pretrained: str = ""           # local folder of a 2D UNet2DConditionModel (Arc2Face at `paper`)
     # --- EDM training (notebook 05) ------------------------------------------------------
     views_per_sample: int = 8           # P = conditioning + target views per training sample
@@ -61,9 +63,12 @@ class Profile:
     mixed_precision: str = "auto"       # "auto": bf16 on CUDA devices that support it, else no
     use_reference: bool = False         # notebooks after training start from reference/<profile> if present
     # --- sampling (notebooks 06, 07) -----------------------------------------------------
-    sample_steps: int = 25
-    cfg_scale: float = 3.0
-    spin_views: int = 48
+    sample_steps: int = 25              # Euler steps of the Karras schedule (released: 50)
+    cfg_scale: float = 3.0              # classifier-free guidance scale (paper 3, demo 3.5)
+    spin_views: int = 48                # views of a full spin (notebook 07, `spin/` artifact)
+    sample_sigma_min: float = 0.002     # Karras schedule range; the released sampler uses 0.002 .. 700,
+    sample_sigma_max: float = 80.0      # EDM 80 (about what the training noise distribution reaches)
+    spin_per_round: int = 5             # step C: target views per round (with 3 conditioning views: 8)
     # --- splatting (notebook 08) ---------------------------------------------------------
     splat_iters: int = 600
     splat_init_gaussians: int = 4000
@@ -133,11 +138,11 @@ PROFILES: dict[str, Profile] = {
         text_hidden=768, text_layers=12, text_heads=12,
         vae_channels=(128, 256, 512, 512), vae_steps=0, vae_batch=32,
         vae_pretrained="weights/sd15-vae",
-        unet_channels=(320, 640, 1280, 1280), unet_layers_per_block=2, unet_head_dim=8,
+        unet_channels=(320, 640, 1280, 1280), unet_layers_per_block=2, unet_heads=8, unet_attn_levels=(0, 1, 2),
         unet_pretrained="weights/arc2face/unet",
         views_per_sample=8, train_steps=1_600_000, batch_size=4, grad_accum=1, lr=1e-5,
         ema_decay=0.9999, checkpoint_every=10000, sample_every=10000,
-        sample_steps=50, cfg_scale=3.0, spin_views=48,
+        sample_steps=50, cfg_scale=3.0, spin_views=48, sample_sigma_max=700.0,
         splat_iters=7000, splat_init_gaussians=100000, splat_res=512,
         eval_identities=222, eval_angles=16, ablation_steps=100000,
     ),

@@ -1,0 +1,504 @@
+"""The paper's evaluation protocol, its baselines and its ablations (METHOD.md section 7, notebook 09).
+
+Protocol (SpinMeRound, section 4 of the paper, on NeRSemble; here on held-out procedural heads):
+
+1. Held-out identities only: ``heldout_cases`` refuses any identity of the dataset's train split or of a
+   training manifest found in the run folder (``LeakageError``).
+2. One input view: the frontal render (yaw 0, pitch 0).
+3. ``eval_angles`` target angles evenly around the head (16 in the paper), yaw ``i * 360 / A``, pitch 0,
+   rendered as ground truth from the identity's parameters (``render.render_views``); an identity without
+   parameters (external renders) uses its nearest dataset views instead.
+4. A method turns a case into generated views ``rgb (A,3,H,W)`` (+ ``normal (A,3,H,W)`` unit vectors, or
+   None); ``evaluate_method`` compares them with the truth, per angle and overall: L2 (MSE on [0,1]), SSIM,
+   LPIPS (or null with the reason), identity similarity to the true view with the conditioning encoder
+   (stands in for ArcFace) and with the independent evaluation encoder (stands in for VGGFace), and the
+   normal-map angular error inside the true silhouette.
+
+Baselines: ``copy_input`` (the input view at every angle; normals: a flat surface facing the camera),
+``mean_head`` (the average training head image at each angle), ``no_3d_attention`` (the trained model with its
+3D self-attention switched to per-view 2D attention: same weights). Ablations (``ABLATIONS``): the model trained
+without the input image, without the identity embedding, or without normal generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .cameras import intrinsics, orbit_c2w
+from .runs import Run, read_json
+
+METRICS = ("l2", "ssim", "lpips", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg")
+LOWER_IS_BETTER = {"l2": True, "ssim": False, "lpips": True, "id_sim_cond": False, "id_sim_eval": False,
+                   "normal_angle_err_deg": True}
+METRIC_LABELS = {"l2": "L2 ↓", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "id_sim_cond": "ID cond ↑",
+                 "id_sim_eval": "ID eval ↑", "normal_angle_err_deg": "Normal err ° ↓"}
+
+# The paper's table (METHOD.md section 7): L2, LPIPS, SSIM, ID ArcFace, ID VGGFace on NeRSemble, 16 angles.
+PAPER_TABLE = {
+    "PanoHead": {"l2": 0.012, "lpips": 0.32, "ssim": 0.65, "id_sim_cond": 0.27, "id_sim_eval": 0.88},
+    "SV3D": {"l2": 0.087, "lpips": 0.41, "ssim": 0.66, "id_sim_cond": 0.36, "id_sim_eval": 0.881},
+    "DiffPortrait3D": {"l2": 0.1, "lpips": 0.5, "ssim": 0.35, "id_sim_cond": 0.55, "id_sim_eval": 0.887},
+    "SpinMeRound": {"l2": 0.033, "lpips": 0.30, "ssim": 0.73, "id_sim_cond": 0.61, "id_sim_eval": 0.911},
+}
+PAPER_ABLATION_NOTE = ("The paper reports the full model best on L2, LPIPS and SSIM against the same three "
+                       "ablations (no input image, no identity embedding, no normal generation).")
+
+# Ablations of the paper and the trainer options that make each one (``train.train(run, **options)``).
+ABLATIONS = {
+    "no_input_image": {"cond_views": 0},
+    "no_identity": {"use_identity": False},
+    "no_normals": {"image_only": True},
+}
+ABLATION_LABELS = {"no_input_image": "w/o input image (identity only)", "no_identity": "w/o identity embedding",
+                   "no_normals": "w/o normal generation (image only)"}
+BASELINE_LABELS = {"copy_input": "input view copied to every angle", "mean_head": "mean training head",
+                   "no_3d_attention": "model, 3D attention off (2D)"}
+
+
+class LeakageError(ValueError):
+    """An identity asked for evaluation was seen by a trained part (train split or a training manifest)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the protocol: which identities, which angles, the true views
+# ----------------------------------------------------------------------------------------------
+def eval_yaws(n_angles: int) -> torch.Tensor:
+    """``n_angles`` yaws (degrees) evenly around the head, ``i * 360 / n`` wrapped to (-180, 180]; 0 = frontal."""
+    y = torch.arange(n_angles, dtype=torch.float32) * 360.0 / n_angles
+    return torch.where(y > 180.0, y - 360.0, y)
+
+
+@dataclass
+class EvalCase:
+    """One held-out identity: the input view and the true views at the evaluation angles.
+
+    input_rgb (3,H,W); input_c2w (4,4); K (3,3) pixels; yaw, pitch (A,) degrees; c2w (A,4,4);
+    rgb (A,3,H,W) on white; alpha (A,1,H,W); normal (A,3,H,W) unit camera-space vectors (OpenCV axes).
+    """
+
+    identity: str
+    input_rgb: torch.Tensor
+    input_c2w: torch.Tensor
+    K: torch.Tensor
+    yaw: torch.Tensor
+    pitch: torch.Tensor
+    c2w: torch.Tensor
+    rgb: torch.Tensor
+    alpha: torch.Tensor
+    normal: torch.Tensor
+    truth: str = "render"          # "render" (from parameters) or "dataset" (nearest stored views)
+    input_alpha: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_angles(self) -> int:
+        return len(self.yaw)
+
+
+def _ids_in(obj, keys=("train_identities", "train_ids", "identities_train")) -> set[str]:
+    """Identity names a training manifest lists under one of ``keys`` (searched at any depth), or marks as
+    ``"train"`` in an ``{"identities": {name: split}}`` index (the latent cache's)."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in keys and isinstance(v, (list, tuple)):
+                found |= {str(x) for x in v}
+            elif k == "identities" and isinstance(v, dict) and all(isinstance(x, str) for x in v.values()):
+                found |= {str(n) for n, split in v.items() if split == "train"}   # {name: split} indexes
+            else:
+                found |= _ids_in(v, keys)
+    elif isinstance(obj, list):
+        for v in obj:
+            found |= _ids_in(v, keys)
+    return found
+
+
+def training_identities(run: Run | None = None, dataset_root: str | os.PathLike | None = None,
+                        manifests: Iterable[str | os.PathLike] = ()) -> set[str]:
+    """Every identity any trained part may have seen: the dataset's train split, plus the identities listed by
+    training manifests (``train_identities`` keys of the JSON files under ``models/`` and ``latents/`` of the
+    run, and of ``manifests``)."""
+    ids: set[str] = set()
+    root = Path(dataset_root) if dataset_root else (run.data_dir if run is not None else None)
+    if root is not None and (root / "dataset.json").exists():
+        meta = read_json(root / "dataset.json")
+        ids |= {str(x) for x in meta.get("splits", {}).get("train", [])}
+    files = [Path(m) for m in manifests]
+    if run is not None:
+        for sub in ("models", "latents"):
+            d = run.root / sub
+            if d.is_dir():
+                files += [p for p in d.rglob("*.json") if p.stat().st_size < 5_000_000]
+    for f in files:
+        try:
+            ids |= _ids_in(read_json(f))
+        except (ValueError, FileNotFoundError):
+            continue
+    return ids
+
+
+def assert_heldout(identities: Iterable[str], seen: set[str]) -> None:
+    """Raise ``LeakageError`` if any of ``identities`` is in ``seen`` (the training identities)."""
+    bad = sorted(set(map(str, identities)) & set(seen))
+    if bad:
+        raise LeakageError(f"identities {bad} were seen in training (train split or a training manifest): the "
+                           f"protocol evaluates held-out identities only; pick them from the 'heldout' split")
+
+
+def heldout_cases(run: Run, n_identities: int | None = None, n_angles: int | None = None,
+                  identities: Iterable[str] | None = None, dataset_root: str | os.PathLike | None = None,
+                  progress: bool = True) -> list[EvalCase]:
+    """Build the evaluation cases: ``n_identities`` (default ``profile.eval_identities``) held-out identities,
+    ``n_angles`` (default ``profile.eval_angles``) target angles each.
+
+    ``identities`` picks them by name instead; any identity seen in training raises ``LeakageError``.
+    """
+    from .dataset import HeadDataset, ensure_dataset
+
+    P = run.profile
+    root = Path(dataset_root) if dataset_root else ensure_dataset(run)
+    ds = HeadDataset(root, split="heldout")
+    seen = training_identities(run, root)
+    names = [str(x) for x in (identities if identities is not None else ds.ids)]
+    assert_heldout(names, seen)
+    n_identities = len(names) if identities is not None else min(n_identities or P.eval_identities, len(names))
+    names = names[:n_identities]
+    missing = [n for n in names if n not in ds.ids]
+    if missing:
+        raise ValueError(f"identities {missing} are not in the held-out split of {root}; choose from {ds.ids}")
+    yaws = eval_yaws(n_angles or P.eval_angles)
+    cases = []
+    for name in tqdm(names, desc="true views", disable=not progress):
+        cases.append(_case(ds, ds.ids.index(name), name, yaws, root, run.device, P.render_chunk))
+    return cases
+
+
+def _identity_params(ds, i: int, root: Path):
+    """The identity's parameter vector from its ``.npz`` (None for external renders without one)."""
+    name = ds.ids[i]
+    getter = getattr(ds, "params", None)
+    if callable(getter):
+        p = getter(i)
+        return None if p is None else torch.as_tensor(np.asarray(p), dtype=torch.float32)
+    with np.load(Path(root) / f"{name}.npz") as z:
+        return torch.from_numpy(z["params"].astype(np.float32)) if "params" in z.files else None
+
+
+def render_truth(params, yaw: torch.Tensor, pitch: torch.Tensor, resolution: int, device=None,
+                 chunk: int = 65536) -> dict:
+    """True views of one identity at ``yaw, pitch`` (A,) from its parameters, on CPU, channels first:
+    rgb (A,3,H,W) on white, alpha (A,1,H,W), normal (A,3,H,W) unit camera-space (0 on background), c2w (A,4,4), K."""
+    from .render import render_views
+
+    c2w = orbit_c2w(yaw, pitch)
+    K = intrinsics(resolution)
+    out = render_views(params, c2w, K, resolution, resolution, device=device, chunk=chunk)
+    return {"rgb": out["rgb"].float().cpu().permute(0, 3, 1, 2).clamp(0, 1).contiguous(),
+            "alpha": out["alpha"].float().cpu()[:, None].contiguous(),
+            "normal": torch.nn.functional.normalize(out["normal"].float().cpu().permute(0, 3, 1, 2), dim=1).contiguous(),
+            "c2w": c2w, "K": K}
+
+
+def _case(ds, i: int, name: str, yaws: torch.Tensor, root: Path, device=None, chunk: int = 65536) -> EvalCase:
+    R = ds.resolution
+    params = _identity_params(ds, i, root)
+    pitch = torch.zeros_like(yaws)
+    if params is not None:
+        t = render_truth(params, yaws, pitch, R, device, chunk)
+        front = t if float(yaws[0]) == 0.0 else render_truth(params, torch.zeros(1), torch.zeros(1), R, device, chunk)
+        return EvalCase(name, front["rgb"][0].clone(), front["c2w"][0].clone(), t["K"], yaws, pitch, t["c2w"], t["rgb"],
+                        t["alpha"], t["normal"], "render", input_alpha=front["alpha"][0].clone())
+    # external renders: the nearest stored view to each angle (yaw distance, then pitch)
+    allv = ds.views(i, list(range(ds.views_per_identity)))
+    dy = (allv["yaw"][None, :] - yaws[:, None] + 180.0) % 360.0 - 180.0
+    cost = dy.abs() + 0.5 * allv["pitch"][None, :].abs()
+    idx = cost.argmin(1).tolist()
+    front = int(cost[0].argmin()) if float(yaws[0]) == 0.0 else int((allv["yaw"].abs() + allv["pitch"].abs()).argmin())
+    sel = {k: v[idx] for k, v in allv.items()}
+    return EvalCase(name, allv["rgb"][front], allv["c2w"][front], allv["K"][front], sel["yaw"], sel["pitch"],
+                    sel["c2w"], sel["rgb"], sel["alpha"], sel["normal"], "dataset",
+                    input_alpha=allv["alpha"][front])
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring one method
+# ----------------------------------------------------------------------------------------------
+Method = Callable[[EvalCase], dict]   # case -> {"rgb": (A,3,H,W), "normal": (A,3,H,W) or None}
+
+
+def score_views(case: EvalCase, rgb: torch.Tensor, normal: torch.Tensor | None, encoders: dict,
+                lpips_path: str | os.PathLike | None = None) -> dict[str, torch.Tensor | None]:
+    """Per-angle metrics of generated views against the truth of ``case``: each (A,) or None."""
+    A = case.n_angles
+    rgb = rgb.float().cpu().clamp(0, 1)
+    if rgb.shape != case.rgb.shape:
+        raise ValueError(f"{case.identity}: generated views are {tuple(rgb.shape)}, the truth is "
+                         f"{tuple(case.rgb.shape)} (A,3,H,W): generate one view per evaluation angle")
+    out: dict[str, torch.Tensor | None] = {"l2": metrics.l2(rgb, case.rgb), "ssim": metrics.ssim(rgb, case.rgb)}
+    ok, _ = metrics.lpips_available(lpips_path)
+    out["lpips"] = metrics.lpips(rgb, case.rgb, path=lpips_path) if ok else None
+    for role in ("cond", "eval"):
+        enc = encoders.get(role)
+        out[f"id_sim_{role}"] = metrics.identity_similarity(enc, rgb, case.rgb) if enc is not None else None
+    if normal is None:
+        out["normal_angle_err_deg"] = None
+    else:
+        normal = normal.float().cpu()
+        if normal.shape != case.normal.shape:
+            raise ValueError(f"{case.identity}: generated normals are {tuple(normal.shape)}, need "
+                             f"{tuple(case.normal.shape)}")
+        out["normal_angle_err_deg"] = metrics.normal_angle_error_deg(normal, case.normal, (case.alpha > 0.5).float())
+    for k, v in out.items():
+        if v is not None and v.shape != (A,):
+            raise RuntimeError(f"metric {k} gave shape {tuple(v.shape)}, expected ({A},)")
+    return out
+
+
+def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name: str = "method",
+                    source: str = "", lpips_path: str | os.PathLike | None = None, progress: bool = True,
+                    keep_views: int = 1) -> dict:
+    """Run ``method`` on every case and gather the metrics.
+
+    Returns ``{metric: overall mean or None, f"{metric}_reason": why None (if so), "per_angle": {"yaw": [..],
+    metric: [mean over identities per angle]}, "per_identity": {metric: [..]}, "source", "n_identities",
+    "n_angles"}`` and, under ``"views"``, the generated views of the first ``keep_views`` cases (not for JSON).
+    """
+    if not cases:
+        raise ValueError("no evaluation cases: heldout_cases(run) builds them")
+    per: dict[str, list] = {m: [] for m in METRICS}
+    views = []
+    reasons: dict[str, str] = {}
+    for case in tqdm(cases, desc=name, disable=not progress):
+        gen = method(case)
+        s = score_views(case, gen["rgb"], gen.get("normal"), encoders, lpips_path)
+        for m in METRICS:
+            per[m].append(s[m])
+        if len(views) < keep_views:
+            views.append({k: v for k, v in gen.items() if isinstance(v, torch.Tensor)})
+        if gen.get("normal") is None:
+            reasons["normal_angle_err_deg"] = gen.get("normal_reason", f"{name} generates no normal maps")
+    res: dict = {"source": source, "n_identities": len(cases), "n_angles": cases[0].n_angles,
+                 "per_angle": {"yaw": cases[0].yaw.tolist()}, "per_identity": {}}
+    lp_ok, lp_why = metrics.lpips_available(lpips_path)
+    if not lp_ok:
+        reasons["lpips"] = lp_why
+    for role in ("cond", "eval"):
+        if encoders.get(role) is None:
+            reasons[f"id_sim_{role}"] = f"no {role} identity encoder given"
+    for m in METRICS:
+        if any(v is None for v in per[m]):
+            res[m] = None
+            res[f"{m}_reason"] = reasons.get(m, "not measured")
+            res["per_angle"][m] = None
+            continue
+        table = torch.stack(per[m]).double()                     # (n_identities, A)
+        res[m] = float(table.mean())
+        res["per_angle"][m] = table.mean(0).tolist()
+        res["per_identity"][m] = table.mean(1).tolist()
+    res["lpips_reason"] = reasons.get("lpips")                   # always present: None when LPIPS is measured
+    res["views"] = views
+    return res
+
+
+def strip_views(result: dict) -> dict:
+    """``result`` without the generated views (JSON-friendly); nested method dicts too."""
+    if not isinstance(result, dict):
+        return result
+    return {k: strip_views(v) for k, v in result.items() if k != "views"}
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines
+# ----------------------------------------------------------------------------------------------
+def facing_normals(n: int, h: int, w: int) -> torch.Tensor:
+    """A flat surface facing the camera, in camera space: n = (0, 0, -1) everywhere. -> (n,3,h,w)."""
+    out = torch.zeros(n, 3, h, w)
+    out[:, 2] = -1.0
+    return out
+
+
+def copy_input_method(case: EvalCase) -> dict:
+    """Baseline: the input view copied to every angle; normals a flat surface facing the camera."""
+    A, (_, H, W) = case.n_angles, case.input_rgb.shape
+    return {"rgb": case.input_rgb[None].expand(A, -1, -1, -1).clone(), "normal": facing_normals(A, H, W)}
+
+
+def mean_training_head(run: Run, yaw: torch.Tensor, pitch: torch.Tensor | None = None, max_identities: int = 16,
+                       dataset_root: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """The average training head at each angle: renders of up to ``max_identities`` training identities averaged.
+
+    Returns rgb (A,3,H,W) (mean image on white), normal (A,3,H,W) (alpha-weighted mean, renormalised; facing
+    the camera where no head is), alpha (A,1,H,W) (coverage), n (identities averaged).
+    """
+    from .dataset import HeadDataset, ensure_dataset
+
+    root = Path(dataset_root) if dataset_root else ensure_dataset(run)
+    ds = HeadDataset(root, split="train")
+    pitch = torch.zeros_like(yaw) if pitch is None else pitch
+    n = min(max_identities, len(ds))
+    R = ds.resolution
+    rgb = torch.zeros(len(yaw), 3, R, R, dtype=torch.float64)
+    nrm = torch.zeros_like(rgb)
+    alpha = torch.zeros(len(yaw), 1, R, R, dtype=torch.float64)
+    used = 0
+    for i in tqdm(range(n), desc="mean training head", disable=not progress):
+        params = _identity_params(ds, i, root)
+        if params is None:
+            t = _case(ds, i, ds.ids[i], yaw, root)
+            t = {"rgb": t.rgb, "alpha": t.alpha, "normal": t.normal}
+        else:
+            t = render_truth(params, yaw, pitch, R, run.device, run.profile.render_chunk)
+        rgb += t["rgb"].double()
+        alpha += t["alpha"].double()
+        nrm += t["normal"].double() * t["alpha"].double()
+        used += 1
+    flat = facing_normals(len(yaw), R, R).double()
+    nrm = torch.where(nrm.norm(dim=1, keepdim=True) > 1e-6, nrm, flat)
+    return {"rgb": (rgb / used).float(), "alpha": (alpha / used).float(),
+            "normal": torch.nn.functional.normalize(nrm, dim=1).float(), "n": used}
+
+
+def mean_head_method(mean_head: dict) -> Method:
+    """Baseline: the mean training head (``mean_training_head``) at every case's angles."""
+    def method(case: EvalCase) -> dict:
+        if mean_head["rgb"].shape != case.rgb.shape:
+            raise ValueError("the mean head was rendered at other angles or size than this case")
+        return {"rgb": mean_head["rgb"], "normal": mean_head["normal"]}
+    return method
+
+
+@contextlib.contextmanager
+def attention_2d(model):
+    """Within the block, ``model``'s multi-view UNet runs per-view 2D self-attention (same weights)."""
+    unet = model.unet
+    before = sorted(unet.levels_3d)
+    unet.set_attention(levels_3d=0)
+    try:
+        yield model
+    finally:
+        unet.set_attention(levels_3d=before)
+
+
+# ----------------------------------------------------------------------------------------------
+# summaries: the table and the plots
+# ----------------------------------------------------------------------------------------------
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def results_table(results: dict, profile: str, note: str = "") -> str:
+    """Markdown tables laid out like the paper's: the paper's published rows, then ours (model, baselines),
+    then the ablations; LPIPS and missing figures as ``n/a`` with their reason below.
+
+    ``results``: ``{"model": {...}, "baselines": {name: {...}}, "ablations": {name: {...}}}`` from
+    ``evaluate_method``.
+    """
+    cols = ["l2", "lpips", "ssim", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg"]
+    head = ("| method | source | L2 ↓ | LPIPS ↓ | SSIM ↑ | ID ArcFace / cond ↑ | ID VGGFace / eval ↑ "
+            "| normal err (deg) ↓ |\n|---|---|---|---|---|---|---|---|")
+    lines = [f"## Evaluation ({profile} profile)", "",
+             "Ours are measured on held-out **procedural heads at small scale** (this course's synthetic data, "
+             f"profile `{profile}`), the paper's on NeRSemble photographs at 512 px; the numbers are not "
+             "comparable across the two, only the layout and the orderings are. Identity similarity uses the "
+             "course's conditioning encoder in the ArcFace column and its independent evaluation encoder in the "
+             "VGGFace column.", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["### Novel views against the truth (paper Table 1 layout)", "", head]
+    for name, row in PAPER_TABLE.items():
+        lines.append(f"| {name} (paper) | published | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    model = results.get("model")
+    if model:
+        lines.append(f"| **ours: full model** | {model.get('source', '')} | "
+                     + " | ".join(_fmt(model.get(c)) for c in cols) + " |")
+    for name, row in results.get("baselines", {}).items():
+        lines.append(f"| baseline: {BASELINE_LABELS.get(name, name)} | {row.get('source', '')} | "
+                     + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    if results.get("ablations"):
+        lines += ["", "### Ablations (paper: full model best on L2, LPIPS, SSIM)", "", head]
+        if model:
+            lines.append(f"| **full model** | {model.get('source', '')} | "
+                         + " | ".join(_fmt(model.get(c)) for c in cols) + " |")
+        for name, row in results["ablations"].items():
+            lines.append(f"| {ABLATION_LABELS.get(name, name)} | {row.get('source', '')} | "
+                         + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    reasons = {}
+    for group in [{"model": model}, results.get("baselines", {}), results.get("ablations", {})]:
+        for name, row in group.items():
+            for c in cols:
+                if row and row.get(c) is None and row.get(f"{c}_reason"):
+                    reasons.setdefault(row[f"{c}_reason"], []).append(f"{name}: {c}")
+    if reasons:
+        lines += ["", "n/a:"]
+        for why, where in reasons.items():
+            lines.append(f"- {', '.join(where)}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
+    """Does the full model beat every baseline and every ablation on ``metrics_``? -> {"baselines": {..},
+    "ablations": {..}, "all_ok": bool, "note": plain sentences naming each failure}."""
+    model = results.get("model") or {}
+    rep: dict = {"baselines": {}, "ablations": {}}
+    fails = []
+    for group in ("baselines", "ablations"):
+        for name, row in results.get(group, {}).items():
+            rep[group][name] = {}
+            for m in metrics_:
+                a, b = model.get(m), row.get(m)
+                if a is None or b is None:
+                    rep[group][name][m] = None
+                    continue
+                better = a < b if LOWER_IS_BETTER[m] else a > b
+                rep[group][name][m] = bool(better)
+                if not better:
+                    fails.append(f"the full model does not beat {group[:-1]} '{name}' on {m} ({a:.4f} vs {b:.4f})")
+    rep["all_ok"] = not fails
+    rep["note"] = ("The full model beats every baseline and ablation on " + " and ".join(metrics_) + "."
+                   if not fails else "; ".join(fails) + ".")
+    return rep
+
+
+def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: int = 3):
+    """One panel per metric: value against yaw (0 = the input view, +-180 = the back of the head) for the
+    model, each baseline and each ablation. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    rows = [("full model", results.get("model"), dict(lw=2.5, color="k"))]
+    rows += [(f"baseline: {n}", r, dict(ls="--")) for n, r in results.get("baselines", {}).items()]
+    rows += [(f"ablation: {n}", r, dict(ls=":")) for n, r in results.get("ablations", {}).items()]
+    names = list(metric_names)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, m in zip(axes.flat, names):
+        for label, r, style in rows:
+            if not r or r.get("per_angle", {}).get(m) is None:
+                continue
+            yaw = np.asarray(r["per_angle"]["yaw"])
+            order = np.argsort(yaw)
+            ax.plot(yaw[order], np.asarray(r["per_angle"][m])[order], marker="o", ms=3, label=label, **style)
+        ax.set_title(METRIC_LABELS.get(m, m))
+        ax.set_xlabel("yaw (deg): 0 front, ±180 back")
+        if not ax.lines:
+            why = (results.get("model") or {}).get(f"{m}_reason") or "not measured"
+            ax.text(0.5, 0.5, "n/a\n" + why[:80], ha="center", va="center", transform=ax.transAxes, fontsize=8,
+                    wrap=True)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    handles, labels = next(((a.get_legend_handles_labels()) for a in axes.flat if a.lines), ([], []))
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig

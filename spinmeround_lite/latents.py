@@ -1,0 +1,496 @@
+"""The latent space: an autoencoder for images and normal maps, its latent scale, and a latent cache.
+
+Section 3 of METHOD.md, notebook ``03_latent_space``.
+
+The diffusion model works on latents, not pixels. A diffusers ``AutoencoderKL`` maps an image
+``x (N, 3, H, W)`` in [0, 1] (given to it as ``2x - 1``) to a Gaussian posterior over latents ``(N, 4, h, w)``,
+``h = H / f`` with ``f = 2 ** (len(block_out_channels) - 1)``. Normal maps go through the same autoencoder as
+RGB images (``normal_rgb = (n + 1) / 2``, white where there is no head), as the paper does.
+
+*Latent scale.* EDM's preconditioning assumes data of standard deviation ``sigma_data = 1``, so latents are
+multiplied by ``scale = 1 / std(z)``, measured on the training renders (Stable Diffusion's VAE carries its own:
+0.18215). ``LatentCodec.encode`` returns scaled latents, ``decode`` takes them.
+
+The course trains a small autoencoder on the procedural renders (``ensure_vae``); where ``profile.vae_pretrained``
+names a local folder (the SD1.5 VAE at ``paper``) it loads that instead. ``ensure_latent_cache`` encodes every
+view of every identity once (``latents/<identity>.safetensors``) so training never runs the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoints import CheckpointError
+from .profiles import Profile, get_profile
+from .runs import Run, atomic_path, find_repo_root, read_json, write_json
+
+CACHE_FORMAT = "spinmeround-lite/latents-v1"
+KL_WEIGHT = 1e-5          # weight of the KL term per latent element against the L1 + L2 per pixel
+
+
+# ----------------------------------------------------------------------------------------------
+# local folders
+# ----------------------------------------------------------------------------------------------
+def resolve_local_folder(path: str | os.PathLike, what: str = "model", hint: str = "") -> Path:
+    """An existing local folder: ``path`` as given, else relative to the course checkout. Clear error if absent."""
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [
+        r / p for r in {find_repo_root(Path(__file__).parent), find_repo_root()} if r is not None]
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"no {what} folder at {path} (looked in {tried}). This course never downloads weights: "
+                            f"put a diffusers folder (config.json + *.safetensors) there{', ' + hint if hint else ''}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# the autoencoder
+# ----------------------------------------------------------------------------------------------
+def vae_config(profile: Profile | str) -> dict:
+    """The ``AutoencoderKL`` configuration of a profile (``vae_channels``, ``vae_latent_channels``)."""
+    p = get_profile(profile)
+    ch = tuple(p.vae_channels)
+    groups = 32
+    while groups > 1 and any(c % groups for c in ch):
+        groups //= 2
+    return dict(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(ch),
+        up_block_types=("UpDecoderBlock2D",) * len(ch),
+        block_out_channels=ch,
+        layers_per_block=1,
+        latent_channels=p.vae_latent_channels,
+        norm_num_groups=groups,
+        sample_size=p.resolution,
+        scaling_factor=1.0,            # measured on the data after training (``measure_scale``)
+    )
+
+
+def build_vae(profile: Profile | str):
+    """A fresh small ``AutoencoderKL`` for a profile."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(**vae_config(profile))
+
+
+def load_vae(path: str | os.PathLike, subfolder: str | None = None):
+    """An ``AutoencoderKL`` from a local diffusers folder (the SD1.5 VAE, or one ``ensure_vae`` saved); no hub.
+
+    ``path`` may be the VAE folder itself or a pipeline folder with it in ``vae/``.
+    """
+    from diffusers import AutoencoderKL
+    root = resolve_local_folder(path, what="autoencoder (AutoencoderKL)",
+                                hint="or set vae_pretrained='' in the profile to train a small one")
+    if subfolder is None:
+        subfolder = "" if (root / "config.json").exists() else ("vae" if (root / "vae" / "config.json").exists() else None)
+        if subfolder is None:
+            raise FileNotFoundError(f"{root} holds no config.json (nor vae/config.json): not a diffusers AutoencoderKL folder")
+    try:
+        return AutoencoderKL.from_pretrained(str(root), subfolder=subfolder or None, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load an AutoencoderKL from {root / subfolder}: {e}") from None
+
+
+class LatentCodec:
+    """Images <-> scaled latents with an ``AutoencoderKL``.
+
+    ``encode(img (..., 3, H, W) in [0, 1]) -> (..., C, h, w)``: the posterior mean times ``scale`` (deterministic,
+    so a cache and a fresh encode agree). ``decode(z (..., C, h, w)) -> (..., 3, H, W)`` in [0, 1].
+    """
+
+    def __init__(self, vae, scale: float | None = None, resolution: int | None = None, batch: int = 64):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scale = float(vae.config.scaling_factor if scale is None else scale)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.resolution = int(resolution or vae.config.sample_size)
+        self.channels = vae.config.latent_channels
+        self.batch = batch
+
+    def __repr__(self) -> str:
+        return (f"LatentCodec({self.resolution}px -> {self.channels}x{self.latent_res}x{self.latent_res}, "
+                f"scale={self.scale:.4g}, device={self.device})")
+
+    @property
+    def latent_res(self) -> int:
+        return self.resolution // self.factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def to(self, device) -> "LatentCodec":
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, img: torch.Tensor) -> torch.Tensor:
+        if img.shape[-3] != 3:
+            raise ValueError(f"encode takes images (..., 3, H, W), got shape {tuple(img.shape)}")
+        lead, x = img.shape[:-3], img.reshape(-1, *img.shape[-3:])
+        out = [self.vae.encode(c.to(self.device, torch.float32) * 2 - 1).latent_dist.mean * self.scale
+               for c in x.split(self.batch)]
+        z = torch.cat(out) if out else x.new_zeros(0, self.channels, x.shape[-2] // self.factor, x.shape[-1] // self.factor)
+        return z.reshape(*lead, *z.shape[1:])
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[-3] != self.channels:
+            raise ValueError(f"decode takes latents (..., {self.channels}, h, w), got shape {tuple(z.shape)}")
+        lead, x = z.shape[:-3], z.reshape(-1, *z.shape[-3:])
+        out = [(self.vae.decode(c.to(self.device, torch.float32) / self.scale).sample + 1) / 2
+               for c in x.split(self.batch)]
+        img = torch.cat(out).clamp(0, 1)
+        return img.reshape(*lead, *img.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# training data: every view's RGB and normal image
+# ----------------------------------------------------------------------------------------------
+class ImagePool:
+    """All views of some identities as uint8 tensors: ``rgb``, ``normal_rgb`` (N, 3, H, W), ``alpha`` (N, 1, H, W).
+
+    ``batch(n, generator)`` draws ``n`` images in [0, 1]: half RGB, half normal maps; each RGB image is put on a
+    random colour instead of white with probability ``p_bg`` (the training recipe swaps backgrounds, so the
+    autoencoder must handle coloured backgrounds too).
+    """
+
+    def __init__(self, ds, max_identities: int | None = None, progress: bool = True):
+        rgb, nrm, alpha = [], [], []
+        n = len(ds) if max_identities is None else min(max_identities, len(ds))
+        for i in tqdm(range(n), desc="loading renders", disable=not progress, leave=False):
+            d = ds.views(i, list(range(ds.views_per_identity)))
+            rgb.append(_to_u8(d["rgb"]))
+            nrm.append(_to_u8(d["normal_rgb"]))
+            alpha.append(_to_u8(d["alpha"]))
+        self.rgb, self.normal_rgb, self.alpha = torch.cat(rgb), torch.cat(nrm), torch.cat(alpha)
+
+    def __len__(self) -> int:
+        return len(self.rgb)
+
+    def batch(self, n: int, generator: torch.Generator | None = None, p_bg: float = 0.5) -> torch.Tensor:
+        idx = torch.randint(len(self), (n,), generator=generator)
+        is_normal = torch.arange(n) % 2 == 1
+        img = torch.where(is_normal[:, None, None, None], self.normal_rgb[idx], self.rgb[idx]).float() / 255
+        swap = (torch.rand(n, generator=generator) < p_bg) & ~is_normal
+        colour = torch.rand(n, 3, generator=generator)
+        a = self.alpha[idx].float() / 255
+        on_colour = composite(img, a, colour)
+        return torch.where(swap[:, None, None, None], on_colour, img)
+
+
+def _to_u8(x: torch.Tensor) -> torch.Tensor:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def composite(rgb_white: torch.Tensor, alpha: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """Put an image rendered on white onto a colour: ``rgb + (1 - alpha) (c - 1)``.
+
+    ``rgb_white (N, 3, H, W)``, ``alpha (N, 1, H, W)``, ``colour (N, 3)`` -> ``(N, 3, H, W)``.
+    """
+    return rgb_white + (1 - alpha) * (colour[:, :, None, None] - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def vae_loss(vae, x: torch.Tensor, kl_weight: float = KL_WEIGHT) -> tuple[torch.Tensor, dict]:
+    """``L1 + L2`` reconstruction of ``x (N, 3, H, W)`` in [0, 1] plus ``kl_weight`` times the KL to N(0, I).
+
+    Both terms are means (per pixel value, per latent element). The latent is sampled from the posterior
+    (reparameterisation), as in Stable Diffusion's autoencoder training.
+    """
+    target = x * 2 - 1
+    post = vae.encode(target).latent_dist
+    z = post.sample()
+    rec = vae.decode(z).sample
+    l1 = (rec - target).abs().mean()
+    l2 = ((rec - target) ** 2).mean()
+    kl = post.kl().mean() / z[0].numel()
+    loss = l1 + l2 + kl_weight * kl
+    return loss, {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+
+
+def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 1e-3, kl_weight: float = KL_WEIGHT,
+              seed: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
+    """Adam on ``vae_loss`` for ``steps`` batches from ``pool``; the learning rate decays to 10 % (cosine).
+
+    Returns one dict of loss terms per step.
+    """
+    vae.to(device).train().requires_grad_(True)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    history = []
+    bar = tqdm(range(steps), desc="training the autoencoder", disable=not progress)
+    for step in bar:
+        x = pool.batch(batch, g).to(device)
+        loss, parts = vae_loss(vae, x, kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(parts)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+    vae.eval().requires_grad_(False)
+    return history
+
+
+@torch.no_grad()
+def measure_scale(vae, images: torch.Tensor, batch: int = 64) -> tuple[float, dict]:
+    """``scale = 1 / std`` of the posterior means of ``images (N, 3, H, W)`` in [0, 1]; also their mean and std."""
+    dev = next(vae.parameters()).device
+    z = torch.cat([vae.encode(c.to(dev) * 2 - 1).latent_dist.mean for c in images.split(batch)])
+    std = z.float().std().item()
+    return 1.0 / std, {"mean": z.float().mean().item(), "std": std,
+                       "channel_std": z.float().transpose(0, 1).flatten(1).std(1).tolist()}
+
+
+@torch.no_grad()
+def evaluate_codec(codec: LatentCodec, ds, max_identities: int = 8, views: int | None = None) -> dict:
+    """Reconstruction quality on ``ds`` (use the held-out split): PSNR of RGB, angle error of normals in degrees.
+
+    The normal angle is measured on head pixels (alpha > 0.5) between the decoded normal image
+    (``metrics.normal_rgb_to_vec``) and the true unit normals.
+    """
+    from .metrics import normal_angle_error_deg, normal_rgb_to_vec, psnr
+    psnrs, angles = [], []
+    for i in range(min(max_identities, len(ds))):
+        idx = list(range(ds.views_per_identity if views is None else min(views, ds.views_per_identity)))
+        d = ds.views(i, idx)
+        rec_rgb = codec.decode(codec.encode(d["rgb"])).cpu()
+        rec_nrm = codec.decode(codec.encode(d["normal_rgb"])).cpu()
+        psnrs.append(psnr(rec_rgb, d["rgb"]))
+        angles.append(normal_angle_error_deg(normal_rgb_to_vec(rec_nrm), d["normal"], (d["alpha"] > 0.5).float()))
+    return {"psnr_rgb": torch.cat(psnrs).mean().item(), "normal_angle_err_deg": torch.cat(angles).mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run's autoencoder
+# ----------------------------------------------------------------------------------------------
+def _check_vae(vae, profile: Profile, where) -> None:
+    want = vae_config(profile)
+    found = dict(vae.config)
+    diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run needs {want[k]!r}"
+             for k in ("block_out_channels", "latent_channels", "sample_size")
+             if list(_as_list(found.get(k))) != list(_as_list(want[k]))]
+    if diffs:
+        raise CheckpointError(f"{where} holds an autoencoder of another configuration:\n  " + "\n  ".join(diffs) +
+                              "\nDelete that folder (or rerun the course with --fresh) to train a matching one.")
+
+
+def _as_list(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+def build_trained_vae(run: Run, folder: Path, progress: bool = True) -> dict:
+    """Train the profile's autoencoder on the training renders, measure its scale, save it to ``folder``."""
+    from .dataset import HeadDataset, ensure_dataset
+    p = run.profile
+    root = ensure_dataset(run)
+    pool = ImagePool(HeadDataset(root, "train"), progress=progress)
+    vae = build_vae(p)
+    t0 = time.perf_counter()
+    history = train_vae(vae, pool, p.vae_steps, p.vae_batch, seed=run.seed, device=run.device, progress=progress)
+    seconds = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(run.seed + 1)
+    sample = pool.batch(min(256, 2 * len(pool)), g, p_bg=0.5)
+    scale, stats = measure_scale(vae, sample)
+    vae.register_to_config(scaling_factor=scale)
+    vae.to("cpu").save_pretrained(str(folder), safe_serialization=True)
+    info = {"source": "trained", "steps": p.vae_steps, "batch": p.vae_batch, "seconds": seconds,
+            "final_loss": history[-1]["loss"] if history else None, "latent_stats": stats, "scale": scale,
+            "history": [h["loss"] for h in history]}
+    write_json(folder / "train.json", info)
+    return info
+
+
+def ensure_vae(run: Run, progress: bool = True) -> LatentCodec:
+    """The run's ``LatentCodec``.
+
+    ``profile.vae_pretrained`` set: that local folder (SD1.5's VAE), its own scaling factor. Otherwise
+    ``run.model_dir("vae")``: built once (the course's reference autoencoder where the profile uses reference
+    checkpoints and one is present, else trained by ``build_trained_vae``), then loaded.
+    """
+    p = run.profile
+    if p.vae_pretrained:
+        vae = load_vae(p.vae_pretrained)
+        return LatentCodec(vae.to(run.device), resolution=p.resolution)
+    folder = run.model_dir("vae")
+    ref = run.reference_dir("vae")
+
+    def build(f: Path):
+        if ref is not None:
+            for item in ref.iterdir():
+                if item.name != "COMPLETE" and item.is_file():
+                    shutil.copy2(item, f / item.name)
+            info = read_json(f / "train.json") if (f / "train.json").exists() else {}
+            write_json(f / "train.json", {**info, "source": "reference"})
+        else:
+            build_trained_vae(run, f, progress=progress)
+
+    run.ensure(folder, build)
+    vae = load_vae(folder)
+    _check_vae(vae, p, folder)
+    return LatentCodec(vae.to(run.device), resolution=p.resolution)
+
+
+def vae_fingerprint(codec: LatentCodec) -> str:
+    """A short hash of the autoencoder's configuration, scale and weights (a cache from another one is stale)."""
+    h = hashlib.sha1(json.dumps({k: v for k, v in dict(codec.vae.config).items() if not k.startswith("_")},
+                                sort_keys=True, default=str).encode())
+    h.update(f"{codec.scale:.8g}".encode())
+    for name, t in codec.vae.state_dict().items():
+        h.update(name.encode())
+        h.update(f"{t.double().sum().item():.10g}".encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# latent cache
+# ----------------------------------------------------------------------------------------------
+def _file_name(identity: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(identity))
+    return f"{safe}.safetensors"
+
+
+def background_colours(identity: str, views: int, seed: int = 0) -> torch.Tensor:
+    """The random background colour of each view of an identity, ``(V, 3)`` in [0, 1]; same seed, same colours."""
+    g = torch.Generator().manual_seed((zlib.crc32(str(identity).encode()) + 1_000_003 * seed) % 2**63)
+    return torch.rand(views, 3, generator=g)
+
+
+def encode_identity(codec: LatentCodec, views: dict, colours: torch.Tensor) -> dict:
+    """Latents of one identity's views: ``views`` from ``HeadDataset.views`` (rgb, alpha, normal_rgb (V, ., H, W)).
+
+    Returns ``rgb``, ``rgb_bg`` (on ``colours (V, 3)``), ``normal`` ``(V, C, h, w)`` and ``bg`` ``(V, 3)``.
+    """
+    rgb, alpha = views["rgb"], views["alpha"]
+    z = codec.encode(torch.cat([rgb, composite(rgb, alpha, colours), views["normal_rgb"]])).cpu()
+    V = rgb.shape[0]
+    return {"rgb": z[:V], "rgb_bg": z[V:2 * V], "normal": z[2 * V:], "bg": colours.clone()}
+
+
+def build_latent_cache(run: Run, folder: Path, codec: LatentCodec, dtype: torch.dtype = torch.float16,
+                       progress: bool = True) -> dict:
+    """Encode every view of every identity (train and held-out) into ``folder/<identity>.safetensors``."""
+    from safetensors.torch import save_file
+
+    from .dataset import HeadDataset, ensure_dataset
+    root = ensure_dataset(run)
+    index = {"format": CACHE_FORMAT, "scale": codec.scale, "latent_res": codec.latent_res,
+             "latent_channels": codec.channels, "dtype": str(dtype).replace("torch.", ""),
+             "vae_fingerprint": vae_fingerprint(codec), "seed": run.seed, "identities": {}, "files": {}}
+    n_images, seconds = 0, 0.0
+    for split in ("train", "heldout"):
+        ds = HeadDataset(root, split)
+        for i in tqdm(range(len(ds)), desc=f"encoding {split} latents", disable=not progress, leave=False):
+            ident = ds.ids[i]
+            V = ds.views_per_identity
+            views = ds.views(i, list(range(V)))
+            t0 = time.perf_counter()
+            lat = encode_identity(codec, views, background_colours(ident, V, run.seed))
+            seconds += time.perf_counter() - t0
+            n_images += 3 * V
+            name = _file_name(ident)
+            with atomic_path(folder / name) as tmp:
+                save_file({k: v.to(dtype if k != "bg" else torch.float32).contiguous() for k, v in lat.items()},
+                          str(tmp), metadata={"identity": str(ident), "split": split})
+            index["identities"][str(ident)] = split
+            index["files"][str(ident)] = name
+    index["images"] = n_images
+    index["encode_seconds"] = seconds
+    index["encode_images_per_s"] = n_images / max(seconds, 1e-9)
+    index["size_bytes"] = sum((folder / f).stat().st_size for f in index["files"].values())
+    write_json(folder / "index.json", index)
+    return index
+
+
+class LatentCache:
+    """The latent cache of a run: ``get(identity, idx) -> dict(rgb, rgb_bg, normal (P, C, h, w), bg (P, 3))``.
+
+    ``identity`` is a name from ``ids`` (or an index into it); ``idx`` the view indices (all views if ``None``).
+    Files are read once and kept in memory (in their stored dtype); ``get`` returns float32.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not (self.folder / "index.json").exists():
+            raise FileNotFoundError(f"{self.folder} holds no latent cache (index.json): build it with "
+                                    "latents.ensure_latent_cache(run)")
+        self.index = read_json(self.folder / "index.json")
+        if self.index.get("format") != CACHE_FORMAT:
+            raise CheckpointError(f"{self.folder} is a latent cache of format {self.index.get('format')!r}, "
+                                  f"this code reads {CACHE_FORMAT!r}: delete the folder to rebuild it")
+        self.ids = list(self.index["identities"])
+        self.scale = self.index["scale"]
+        self.latent_res = self.index["latent_res"]
+        self._mem: dict[str, dict] = {}
+
+    def __repr__(self) -> str:
+        return (f"LatentCache({len(self.ids)} identities, {self.latent_res}x{self.latent_res} latents, "
+                f"{self.size_bytes / 2**20:.1f} MiB, '{self.folder}')")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.index.get("size_bytes", 0))
+
+    def split(self, name: str) -> list[str]:
+        return [i for i, s in self.index["identities"].items() if s == name]
+
+    def _load(self, identity: str) -> dict:
+        if identity not in self._mem:
+            from safetensors.torch import load_file
+            f = self.index["files"].get(identity)
+            if f is None:
+                raise KeyError(f"identity {identity!r} is not in the latent cache at {self.folder}")
+            try:
+                self._mem[identity] = load_file(str(self.folder / f))
+            except Exception as e:
+                raise CheckpointError(f"{self.folder / f} is unreadable ({e}): delete {self.folder} to rebuild the "
+                                      "cache") from None
+        return self._mem[identity]
+
+    def get(self, identity: str | int, idx=None) -> dict:
+        if isinstance(identity, int):
+            identity = self.ids[identity]
+        d = self._load(str(identity))
+        if idx is None:
+            return {k: v.float() for k, v in d.items()}
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return {k: v[idx].float() for k, v in d.items()}
+
+
+def ensure_latent_cache(run: Run, codec: LatentCodec | None = None, progress: bool = True) -> LatentCache:
+    """The run's latent cache (``run.root / "latents"``), built once; rebuilt when the autoencoder changed."""
+    codec = codec or ensure_vae(run, progress=progress)
+    folder = run.root / "latents"
+    fresh = False
+    if Run.is_complete(folder):
+        try:
+            fresh = read_json(folder / "index.json").get("vae_fingerprint") != vae_fingerprint(codec)
+        except (FileNotFoundError, ValueError):
+            fresh = True
+    run.ensure(folder, lambda f: build_latent_cache(run, f, codec, progress=progress), fresh=fresh)
+    return LatentCache(folder)
+
+
+__all__ = ["resolve_local_folder", "vae_config", "build_vae", "load_vae", "LatentCodec", "ImagePool", "composite",
+           "vae_loss", "train_vae", "measure_scale", "evaluate_codec", "build_trained_vae", "ensure_vae",
+           "vae_fingerprint", "background_colours", "encode_identity", "build_latent_cache", "LatentCache",
+           "ensure_latent_cache"]
