@@ -270,8 +270,8 @@ def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name:
     """Run ``method`` on every case and gather the metrics.
 
     Returns ``{metric: overall mean or None, f"{metric}_reason": why None (if so), "per_angle": {"yaw": [..],
-    metric: [mean over identities per angle]}, "per_identity": {metric: [..]}, "source", "n_identities",
-    "n_angles"}`` and, under ``"views"``, the generated views of the first ``keep_views`` cases (not for JSON).
+    metric: [mean over identities per angle]}, "per_identity": {metric: [..]}, "novel_views": {metric: mean
+    over the angles other than the input's}, "source", "n_identities", "n_angles"}`` and, under ``"views"``, the generated views of the first ``keep_views`` cases (not for JSON).
     """
     if not cases:
         raise ValueError("no evaluation cases: heldout_cases(run) builds them")
@@ -306,6 +306,10 @@ def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name:
         res["per_angle"][m] = table.mean(0).tolist()
         res["per_identity"][m] = table.mean(1).tolist()
     res["lpips_reason"] = reasons.get("lpips")                   # always present: None when LPIPS is measured
+    # the same means without the input's own angle (yaw 0), where methods that keep the input are exact
+    novel = [a for a, y in enumerate(res["per_angle"]["yaw"]) if abs(y) > 1e-6]
+    res["novel_views"] = {m: (None if res["per_angle"][m] is None or not novel
+                              else float(np.mean([res["per_angle"][m][a] for a in novel]))) for m in METRICS}
     res["views"] = views
     return res
 
@@ -387,6 +391,170 @@ def attention_2d(model):
         yield model
     finally:
         unet.set_attention(levels_3d=before)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model: SpinMeRound's sampling (spin.py steps A, B, C) at the evaluation angles, and its variants
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """What a model variant was trained with, hence how it samples.
+
+    use_input: conditioned on the input view (False: the identity embedding alone, no conditioning view).
+    use_identity: given the identity embedding (False: the empty prompt everywhere).
+    normals: generates normal latents (False: image-only latents; normal channels held at zero).
+    """
+    use_input: bool = True
+    use_identity: bool = True
+    normals: bool = True
+
+
+FULL = Variant()
+ABLATION_VARIANTS = {"no_input_image": Variant(use_input=False), "no_identity": Variant(use_identity=False),
+                     "no_normals": Variant(normals=False)}
+
+
+def _chunks_around(yaws: torch.Tensor, size: int) -> list[list[int]]:
+    """Split view indices into groups of at most ``size`` that each spread around the head (every k-th)."""
+    n = len(yaws)
+    k = max(1, math.ceil(n / max(size, 1)))
+    order = torch.argsort(yaws).tolist()
+    return [order[j::k] for j in range(k) if order[j::k]]
+
+
+@torch.no_grad()
+def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0, steps: int | None = None,
+                  cfg_scale: float | None = None) -> dict:
+    """Generated views of ``case`` at its angles with the model in ``parts`` (``spin.SpinParts``).
+
+    ``variant`` = ``FULL``: exactly ``spin.spin`` on the frontal input (step A normals, step B anchors, step C
+    intermediates; the input view itself at yaw 0). ``use_identity=False``: the same with no identity.
+    ``normals=False``: no step A (the input's normal latent is zero) and no normal maps out.
+    ``use_input=False``: the views are sampled from the identity alone, ``profile.views_per_sample`` at a time,
+    spread around the head (the model never saw a conditioning view).
+    Returns rgb (A,3,H,W), normal (A,3,H,W) unit vectors or None, normal_reason.
+    """
+    from . import spin as S
+
+    m, P, codec = parts.model, parts.profile, parts.codec
+    dev = parts.device
+    img = case.input_rgb.float()
+    yaws = case.yaw.float()
+    input_yaw = 0.0
+    id_emb = parts.encoder.embed(img[None].to(dev)).float() if variant.use_identity else None
+    h = P.latent_res
+    lat = torch.zeros(len(yaws), 8, h, h)
+    src = [-1] * len(yaws)
+    if variant.use_input:
+        z_img = codec.encode(img[None].to(codec.device)).float()                       # (1, 4, h, w)
+        if variant.normals:
+            z_in = S.infer_normals(m, P, z_img, id_emb, yaw=input_yaw, steps=steps, seed=seed)[0].cpu()
+        else:
+            z_in = torch.cat([z_img[0].cpu(), torch.zeros(4, h, h)])
+        z_anc, anc_yaw = S.anchors(m, P, z_in[None], id_emb, input_yaw, steps=steps, cfg_scale=cfg_scale,
+                                   seed=seed + 1)
+        z_anc = z_anc[0].cpu()
+        known_yaw = [float(S.wrap_yaw(input_yaw))] + [float(a) for a in anc_yaw]
+        known_lat = torch.cat([z_in[None], z_anc])
+        for i, y in enumerate(yaws.double()):
+            d = torch.stack([S.wrap_yaw(y - k).abs() for k in known_yaw])
+            if float(d.min()) < 1e-3:
+                src[i] = int(d.argmin())
+                lat[i] = known_lat[src[i]]
+        todo = [i for i, s_ in enumerate(src) if s_ < 0]
+        if todo:
+            lat[todo] = S.intermediates(m, P, z_in, z_anc, yaws[todo], id_emb, input_yaw, steps=steps,
+                                        cfg_scale=cfg_scale, seed=seed + 100)
+    else:
+        for j, idx in enumerate(_chunks_around(yaws, P.views_per_sample)):
+            z = S.generate_views(m, P, yaws[idx][None], cond=None, id_emb=id_emb, steps=steps,
+                                 cfg_scale=cfg_scale, seeds=[seed + 1 + j])
+            lat[idx] = z[0].cpu()
+    rgb, nrm_img = S.decode_latents(codec, lat)
+    for i, s_ in enumerate(src):
+        if s_ == 0:
+            rgb[i] = img                                       # the input view is the input (as spin does)
+    out = {"rgb": rgb, "normal": None, "normal_reason": "this variant generates no normal maps (image-only latents)"}
+    if variant.normals:
+        out["normal"] = metrics.normal_rgb_to_vec(nrm_img)
+        out["normal_reason"] = None
+    return out
+
+
+def model_method(parts, variant: Variant = FULL, seed: int = 0, steps: int | None = None) -> Method:
+    """A ``Method`` that samples with the model of ``parts``; case ``k`` uses seed ``seed + 1000 k``."""
+    counter = {"k": 0}
+
+    def method(case: EvalCase) -> dict:
+        out = generate_case(parts, case, variant, seed + 1000 * counter["k"], steps)
+        counter["k"] += 1
+        return out
+    return method
+
+
+# ----------------------------------------------------------------------------------------------
+# ablations: trained with the same budget, or taken from reference checkpoints
+# ----------------------------------------------------------------------------------------------
+class AblationUnavailable(RuntimeError):
+    """An ablation cannot be trained here (the trainer lacks an option) and has no reference checkpoint."""
+
+
+def trainer_options_missing(options: dict) -> list[str]:
+    """Which keyword options ``train.train`` does not accept (the ablations need them)."""
+    import inspect
+
+    from .train import train
+    sig = inspect.signature(train)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return []
+    return [k for k in options if k not in sig.parameters]
+
+
+def ablation_steps(run: Run) -> int:
+    return int(run.profile.ablation_steps)
+
+
+def ensure_ablation(run: Run, name: str, progress: bool = True) -> tuple[object, str]:
+    """The model of ablation ``name`` (``ABLATIONS``, or ``"full_same_budget"``) and where it came from.
+
+    ``reference/<profile>/ablation_<name>`` when the profile uses reference checkpoints and the checkout has
+    one (source ``"reference"``); else ``models/ablation_<name>`` of the run, trained now when missing with
+    ``profile.ablation_steps`` steps and the ablation's trainer options (source ``"trained N steps"``).
+    ``AblationUnavailable`` says why when the trainer cannot make it.
+    """
+    from .model import SpinModel
+
+    options = {} if name == "full_same_budget" else ABLATIONS[name]
+    folder_name = f"ablation_{name}"
+    ref = run.reference_dir(folder_name)
+    if ref is not None:
+        return SpinModel.load(ref, run.profile, run.device), "reference"
+    folder = run.model_dir(folder_name)
+    steps = ablation_steps(run)
+    if not Run.is_complete(folder) or _logged_steps(folder) != steps:
+        missing = trainer_options_missing(options)
+        if missing:
+            raise AblationUnavailable(
+                f"train.train() has no option {', '.join(repr(m) for m in missing)} (needed for '{name}': "
+                f"{options}) and reference/{run.profile.name}/{folder_name} is absent")
+        from .train import train
+        train(run, steps=steps, out=folder, progress=progress, grids=False, **options)
+    return SpinModel.load(folder, run.profile, run.device), f"trained {steps} steps"
+
+
+def _logged_steps(folder: Path) -> int | None:
+    p = Path(folder) / "log.json"
+    try:
+        return int(read_json(p).get("steps")) if p.exists() else None
+    except (ValueError, TypeError):
+        return None
+
+
+def model_steps(run: Run, source: str) -> int | None:
+    """Training steps of the run's main model (``models/spin/log.json``), None for a reference checkpoint."""
+    if source == "reference":
+        return None
+    return _logged_steps(run.model_dir("spin"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,3 +670,121 @@ def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: 
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# everything at once (notebook 09 walks through the same steps one by one)
+# ----------------------------------------------------------------------------------------------
+def unavailable(reason: str, source: str = "unavailable") -> dict:
+    """A result row with every figure null and the same reason for each (never silently dropped)."""
+    row = {m: None for m in METRICS}
+    row.update({f"{m}_reason": reason for m in METRICS})
+    row.update(source=source, lpips_reason=reason, per_angle=None, novel_views=None)
+    return row
+
+
+def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None = None,
+                 baselines: bool = True, ablations: bool = True, mean_head_identities: int = 16,
+                 lpips_path: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """The whole protocol on ``run``: the model, the three baselines and the three ablations.
+
+    Returns ``{"protocol": {...}, "model": {...}, "baselines": {name: {...}}, "ablations": {name: {...}},
+    "ordering": ordering_report(...)}``; each entry as ``evaluate_method`` returns it (with its views).
+    """
+    from .identity import ensure_encoder
+    from .spin import SpinParts
+
+    P = run.profile
+    cases = heldout_cases(run, n_identities, n_angles, progress=progress)
+    parts = SpinParts.from_run(run, progress=progress)
+    encoders = {"cond": parts.encoder, "eval": ensure_encoder(run, "eval", progress=progress)}
+    kw = dict(lpips_path=lpips_path, progress=progress)
+    steps = model_steps(run, parts.source)
+    source = parts.source if steps is None else f"{parts.source} ({steps} steps)"
+    results: dict = {"protocol": protocol_info(run, cases), "baselines": {}, "ablations": {}}
+    results["model"] = evaluate_method(cases, model_method(parts, FULL, run.seed), encoders, "full model", source, **kw)
+    if baselines:
+        results["baselines"]["copy_input"] = evaluate_method(cases, copy_input_method, encoders, "copy input",
+                                                             "no training", **kw)
+        mh = mean_training_head(run, cases[0].yaw, cases[0].pitch, mean_head_identities, progress=progress)
+        results["baselines"]["mean_head"] = evaluate_method(cases, mean_head_method(mh), encoders, "mean head",
+                                                            f"mean of {mh['n']} training heads", **kw)
+        with attention_2d(parts.model):
+            results["baselines"]["no_3d_attention"] = evaluate_method(
+                cases, model_method(parts, FULL, run.seed), encoders, "no 3D attention", f"{source}, 2D attention",
+                **kw)
+    if ablations:
+        results["ablations"] = evaluate_ablations(run, cases, parts, encoders, steps, **kw)
+    results["ordering"] = ordering_report(results)
+    return results
+
+
+def evaluate_ablations(run: Run, cases: list[EvalCase], parts, encoders: dict, model_steps_: int | None,
+                       lpips_path=None, progress: bool = True) -> dict:
+    """Each ablation of ``ABLATION_VARIANTS`` (trained or from reference checkpoints), plus ``full_same_budget``
+    (the full model trained with the ablations' budget) when the run's model had another budget."""
+    from .spin import SpinParts
+
+    out = {}
+    names = list(ABLATION_VARIANTS)
+    if model_steps_ != ablation_steps(run):
+        names = ["full_same_budget"] + names
+    for name in names:
+        variant = FULL if name == "full_same_budget" else ABLATION_VARIANTS[name]
+        try:
+            model, source = ensure_ablation(run, name, progress=progress)
+        except AblationUnavailable as e:
+            out[name] = unavailable(str(e))
+            continue
+        ab_parts = SpinParts(model.eval(), parts.codec, parts.encoder, parts.profile, source)
+        out[name] = evaluate_method(cases, model_method(ab_parts, variant, run.seed), encoders, name, source,
+                                    lpips_path=lpips_path, progress=progress)
+        del model, ab_parts
+    return out
+
+
+def protocol_info(run: Run, cases: list[EvalCase]) -> dict:
+    """What was measured: identities, angles, input view, ground truth, LPIPS availability."""
+    ok, why = metrics.lpips_available()
+    return {"identities": [c.identity for c in cases], "n_identities": len(cases), "n_angles": cases[0].n_angles,
+            "yaw": cases[0].yaw.tolist(), "input": "frontal render (yaw 0, pitch 0)",
+            "truth": sorted({c.truth for c in cases}), "resolution": run.profile.resolution,
+            "profile": run.profile.name, "lpips": ok, "lpips_reason": None if ok else why,
+            "identity_similarity": "cosine of embeddings of the generated and the true view at each angle",
+            "normal_error": "mean angle inside the true silhouette (alpha > 0.5)"}
+
+
+def write_results(run: Run, results: dict, note: str = "") -> dict:
+    """Write ``results_table.md`` and ``results.json`` (no views) to the run folder; return their paths."""
+    from .runs import atomic_path, write_json
+
+    table = results_table(results, run.profile.name, note or results.get("ordering", {}).get("note", ""))
+    md = run.path("results_table.md")
+    with atomic_path(md) as tmp:
+        tmp.write_text(table)
+    js = write_json(run.path("results.json"), strip_views(results))
+    return {"table": md, "json": js}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m spinmeround_lite.evaluate",
+                                 description="Evaluate the run's model with the paper's protocol (notebook 09).")
+    ap.add_argument("--profile", default="", help="test, cpu, gpu or paper (default: $SMR_PROFILE, else cpu)")
+    ap.add_argument("--run-dir", default="", help="run folder (default: $SMR_RUN_DIR, else runs/<profile>)")
+    ap.add_argument("--identities", type=int, default=None, help="held-out identities (default: the profile's)")
+    ap.add_argument("--angles", type=int, default=None, help="target angles (default: the profile's, 16 in the paper)")
+    ap.add_argument("--no-ablations", action="store_true", help="skip the ablations (they train models)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    a = ap.parse_args(argv)
+    run = Run.open(a.profile, a.run_dir, notebook="09_evaluation_cli", seed=a.seed)
+    res = evaluate_all(run, a.identities, a.angles, ablations=not a.no_ablations)
+    paths = write_results(run, res)
+    print(paths["table"].read_text())
+    print(f"written: {paths['table']} and {paths['json']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

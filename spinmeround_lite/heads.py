@@ -189,7 +189,7 @@ def sample_identity(seed: int) -> HeadParams:
         hair_r=hair[0], hair_g=hair[1], hair_b=hair[2],
         hair_style=float(style), hair_volume=u(0.012, 0.03), hair_length=u(0.18, 0.36), hairline=u(0.09, 0.15),
         beard=float(beard), glasses=float(glasses), glasses_r=gl[0], glasses_g=gl[1], glasses_b=gl[2],
-        neck_r=lerp(0.055, 0.07, m) + u(-0.004, 0.004),
+        neck_r=lerp(0.062, 0.078, m) + u(-0.004, 0.004),
     )
     return HeadParams.from_vector(params.to_vector())       # float32 values: the stored vector renders the same
 
@@ -273,6 +273,7 @@ class Head:
 
     bound_radius = 0.5      # every visible part lies inside this sphere around the origin (the renderer's bound)
     lift = 0.025            # the head frame sits this much above the world origin (centres chin-to-crown)
+    BOUND_Y, BOUND_Z, BOUND_R = (-0.7, 0.07), -0.05, 0.29   # capsule around every part (head frame; tested)
 
     def __init__(self, params: HeadParams):
         p = self.p = params
@@ -285,7 +286,7 @@ class Head:
         self.skull_r = (p.skull_w, p.skull_h, p.skull_d)
         self.jaw_c = (0.0, p.chin_y + p.jaw_h * 0.85, 0.015)
         self.jaw_r = (p.jaw_w, p.jaw_h, p.jaw_fwd)
-        self.eye_c = (p.eye_dx, p.eye_y, self.surface_z(p.eye_dx, p.eye_y) - 0.35 * p.eye_r)
+        self.eye_c = (p.eye_dx, p.eye_y, self.surface_z(p.eye_dx, p.eye_y) - 0.5 * p.eye_r)
         self.nose_top = (0.0, p.eye_y + 0.008, self.surface_z(0.0, p.eye_y) + 0.002)
         ty = p.eye_y - p.nose_len
         self.nose_tip = (0.0, ty, self.surface_z(0.0, ty) + p.nose_proj - p.nose_w)
@@ -441,6 +442,14 @@ class Head:
         s = self.p.scale
         return {k: v * s for k, v in self._geometry(self.to_head(points)).items()}
 
+    def bound_sdf(self, points: torch.Tensor) -> torch.Tensor:
+        """Distance to a vertical capsule that contains the whole head (a lower bound of ``sdf``). (N,3) -> (N,)."""
+        q = self.to_head(points)
+        x, y, z = q.unbind(-1)
+        yc = y.clamp(self.BOUND_Y[0], self.BOUND_Y[1])
+        d = torch.sqrt(x * x + (y - yc) ** 2 + (z - self.BOUND_Z) ** 2) - self.BOUND_R
+        return d * self.p.scale
+
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         """Signed distance of the whole head at world points ``(N, 3)`` -> ``(N,)`` (negative inside)."""
         s = self.p.scale
@@ -489,8 +498,8 @@ class Head:
         dx, dy, dz = ax - ec[0], y - ec[1], z - ec[2]
         cosang = dz / torch.sqrt(dx * dx + dy * dy + dz * dz).clamp_min(1e-6)
         iris_c = col(p.iris_r, p.iris_g, p.iris_b)
-        eyes = torch.where((cosang > 0.82)[:, None], iris_c, col(0.93, 0.91, 0.88))
-        eyes = torch.where((cosang > 0.95)[:, None], col(0.03, 0.03, 0.03), eyes)
+        eyes = torch.where((cosang > 0.72)[:, None], iris_c, col(0.9, 0.88, 0.85))
+        eyes = torch.where((cosang > 0.93)[:, None], col(0.03, 0.03, 0.03), eyes)
         # hair with streaks
         ang = torch.atan2(x, z)
         streak = 0.85 + 0.15 * torch.sin(40 * ang + 25 * y) * torch.sin(13 * ang)

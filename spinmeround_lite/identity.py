@@ -247,9 +247,9 @@ def train_encoder(images: torch.Tensor, labels: torch.Tensor, config: EncoderCon
         sched.step()
         with torch.no_grad():
             acc = (F.normalize(emb, dim=-1) @ F.normalize(W, dim=-1).T).argmax(1).eq(y_all[idx]).float().mean()
-        log["loss"].append(float(loss))
-        log["acc"].append(float(acc))
-        bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}")
+        log["loss"].append(loss.item())
+        log["acc"].append(acc.item())
+        bar.set_postfix(loss=f"{log['loss'][-1]:.3f}", acc=f"{log['acc'][-1]:.2f}")
     log["seconds"] = time.perf_counter() - t0
     enc.eval()
     enc.class_centres = W.detach()

@@ -475,7 +475,8 @@ def attention_memory_bytes(tokens: int, heads: int, head_dim: int, batch: int = 
 
 
 def benchmark_attention(tokens: int, heads: int, head_dim: int, batch: int = 1, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, repeats: int = 3, naive: bool = False, seed: int = 0) -> dict:
+                        dtype: torch.dtype = torch.float32, repeats: int = 3, naive: bool = False, seed: int = 0,
+                        warmup: bool = True) -> dict:
     """Time (median seconds) and peak memory of ``attention`` over ``tokens = V * L`` tokens.
 
     Memory on CUDA is measured (``torch.cuda.max_memory_allocated`` above the inputs); on CPU it is the analytic
@@ -490,7 +491,8 @@ def benchmark_attention(tokens: int, heads: int, head_dim: int, batch: int = 1, 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     with torch.no_grad():
-        attention(q, k, v, naive=naive)                  # warm-up
+        if warmup or cuda:
+            attention(q, k, v, naive=naive)              # first call: kernel selection, allocator growth
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)

@@ -102,7 +102,7 @@ PROFILES: dict[str, Profile] = {
         vae_channels=(16, 32, 32), vae_steps=30, vae_batch=8,
         unet_channels=(16, 32), unet_head_dim=8,
         views_per_sample=4, train_steps=12, batch_size=1, checkpoint_every=6, sample_every=6,
-        sample_steps=4, spin_views=8,
+        sample_steps=4, spin_views=16,
         splat_iters=60, splat_init_gaussians=500, splat_res=32,
         eval_identities=2, eval_angles=4, ablation_steps=6,
     ),

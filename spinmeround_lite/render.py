@@ -75,9 +75,12 @@ def ray_sphere(o: torch.Tensor, d: torch.Tensor, radius: float) -> tuple[torch.T
 
 
 @torch.no_grad()
-def sphere_trace(scene, o: torch.Tensor, d: torch.Tensor, footprint: torch.Tensor, max_steps: int = 96,
-                 hit_frac: float = 0.05) -> dict[str, torch.Tensor]:
+def sphere_trace(scene, o: torch.Tensor, d: torch.Tensor, footprint: torch.Tensor, max_steps: int = 64,
+                 hit_frac: float = 0.2) -> dict[str, torch.Tensor]:
     """March rays ``o, d`` (N,3) through ``scene``. ``footprint`` (N,): a pixel's width per unit of ``t``.
+
+    A scene may offer ``bound_sdf(points)``, the distance to a simple shape that contains it (never more than the
+    true distance): rays farther than a small margin from that shape step by it without evaluating the full SDF.
 
     Returns ``t`` (N,) (hit distance, or the closest approach for a miss), ``hit`` (N,) bool, ``cover`` (N,) in
     [0, 1] (1 for hits, partial for near misses), ``steps`` (int, marching iterations).
@@ -85,6 +88,8 @@ def sphere_trace(scene, o: torch.Tensor, d: torch.Tensor, footprint: torch.Tenso
     n = len(o)
     t_near, t_far, meet = ray_sphere(o, d, getattr(scene, "bound_radius", 1.0))
     step_scale = getattr(scene, "step_scale", 1.0)
+    bound = getattr(scene, "bound_sdf", None)                  # optional cheap lower bound of the SDF
+    bound_margin = 0.02
     t = t_near.clone()
     best = torch.full((n,), math.inf, device=o.device)       # smallest f / (t * footprint) along the ray
     best_t = t_near.clone()
@@ -95,7 +100,14 @@ def sphere_trace(scene, o: torch.Tensor, d: torch.Tensor, footprint: torch.Tenso
         if idx.numel() == 0:
             break
         ti = t[idx]
-        f = scene.sdf(o[idx] + ti[:, None] * d[idx])
+        x = o[idx] + ti[:, None] * d[idx]
+        if bound is None:
+            f = scene.sdf(x)
+        else:                                                  # far from the bound: its distance is a safe step
+            f = bound(x)
+            near = torch.nonzero(f < bound_margin).squeeze(1)
+            if near.numel():
+                f[near] = scene.sdf(x[near])
         fp = ti * footprint[idx]
         ratio = f / fp
         closer = ratio < best[idx]
@@ -123,7 +135,7 @@ def sdf_normals(scene, points: torch.Tensor, h: float = 5e-4) -> torch.Tensor:
     return F.normalize(g, dim=-1)
 
 
-def ambient_occlusion(scene, points: torch.Tensor, normals: torch.Tensor, steps=(0.012, 0.03, 0.06)) -> torch.Tensor:
+def ambient_occlusion(scene, points: torch.Tensor, normals: torch.Tensor, steps=(0.015, 0.045)) -> torch.Tensor:
     """Cheap ambient occlusion in [0, 1] ``(N,)``: how far the SDF along the normal falls short of the step."""
     occ = torch.zeros(len(points), device=points.device)
     for i, h in enumerate(steps):
@@ -149,7 +161,7 @@ def shade(albedo: torch.Tensor, n_cam: torch.Tensor, d_cam: torch.Tensor, ao: to
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def render_views(params, c2w: torch.Tensor, K: torch.Tensor, height: int, width: int, device=None,
-                 chunk: int = 65536, max_steps: int = 96, ao: bool = True) -> dict[str, torch.Tensor]:
+                 chunk: int = 65536, max_steps: int = 64, ao: bool = True, hit_frac: float = 0.2) -> dict[str, torch.Tensor]:
     """Render a scene (``HeadParams``, parameter vector, or scene object) from ``V`` cameras.
 
     c2w (V,4,4) or (4,4), K (3,3) or (V,3,3) in pixels. Returns tensors on ``device`` (default: ``c2w``'s):
@@ -179,7 +191,7 @@ def render_views(params, c2w: torch.Tensor, K: torch.Tensor, height: int, width:
     points = torch.zeros(N, 3, device=device)
     for s in range(0, N, chunk):
         sl = slice(s, min(s + chunk, N))
-        tr = sphere_trace(scene, o[sl], d[sl], footprint[sl], max_steps=max_steps)
+        tr = sphere_trace(scene, o[sl], d[sl], footprint[sl], max_steps=max_steps, hit_frac=hit_frac)
         sel = torch.nonzero(tr["cover"] > 0).squeeze(1)
         if sel.numel() == 0:
             continue

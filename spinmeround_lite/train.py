@@ -26,7 +26,12 @@ checkpoint and resumed draws exactly the batches the uninterrupted run draws, so
 the same weights (``tests/test_train.py``).
 
     python -m spinmeround_lite.train --profile test --out /tmp/spin --steps 12
-    accelerate launch --num_processes 2 --cpu -m spinmeround_lite.train --profile test --out /tmp/spin
+    accelerate launch --multi_gpu --num_processes 2 -m spinmeround_lite.train --profile test --out /tmp/spin
+    accelerate launch --multi_gpu --num_processes 2 -m spinmeround_lite.train --device cpu ...   # 2 CPU processes
+
+Several processes on one machine go through ``accelerate launch --multi_gpu`` (torchrun underneath); with
+``--device cpu`` (or no GPU) they train on the CPU with the gloo backend. ``accelerate launch --cpu`` alone starts
+a single process (accelerate >= 1.x runs several CPU processes only through MPI, ``--mpirun_hostfile``).
 """
 
 from __future__ import annotations
@@ -573,9 +578,14 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
             grids_done.append((done, str(path)))
             del sampler_model
         if done % p.checkpoint_every == 0 or done == total:
+            sums = accelerator.gather(weight_checksum(raw).to(device).view(1)).cpu()   # one per process
+            if not torch.all(sums == sums[0]):
+                raise RuntimeError(f"the {world} processes hold different weights at step {done} ({sums.tolist()}): "
+                                   "gradients were not averaged; launch with accelerate launch or torchrun")
             if main:
                 state = {"total_steps": total, "losses": losses, "grids": grids_done, "seed": run.seed,
-                         "profile": p.name, "processes": world, "samples_per_step": per_step}
+                         "profile": p.name, "processes": world, "samples_per_step": per_step,
+                         "weight_checksums": sums.tolist()}
                 last_ckpt = str(save_training_checkpoint(out, done, raw, ema, opt, state))
                 plot_loss(losses, out / "loss.png")
             accelerator.wait_for_everyone()
@@ -597,6 +607,12 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
         Run.mark_complete(out, {"step": len(losses), "final_loss": result.final_loss})
     accelerator.wait_for_everyone()
     return result
+
+
+def weight_checksum(model: torch.nn.Module) -> torch.Tensor:
+    """A float64 fingerprint of all parameters (equal on every process of a data-parallel run)."""
+    with torch.no_grad():
+        return sum(p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in model.parameters())
 
 
 def _ema_copy(model: SpinModel, ema: EMA) -> SpinModel:

@@ -67,3 +67,22 @@ def test_mask_channel():
     m = R.mask_channel(torch.tensor([True, False, False]), 4, 5)
     assert m.shape == (3, 1, 4, 5) and m.dtype == torch.float32
     assert m[0].min() == 1 and m[1:].max() == 0
+
+
+def test_raymap_rays_hit_the_rendered_points():
+    # the renderer of notebook 00 traced these same pixels: origin + depth * direction must be its hit point
+    from spinmeround_lite import heads, render
+
+    yaw, pitch = torch.tensor([0.0, 70.0, 180.0]), torch.tensor([0.0, 15.0, -20.0])
+    c2w, K = C.orbit_c2w(yaw, pitch), C.intrinsics(64)
+    lat = 16
+    Kl = R.scale_intrinsics(K, 64, lat)                       # render directly at the latent grid
+    out = render.render_views(heads.sample_identity(3), c2w, Kl, lat, lat, ao=False)
+    hit = out["alpha"] > 0.999
+    assert hit.sum() > 50
+    o, d = R.decode_rays(R.raymap(c2w, K, image_res=64, latent_res=lat))
+    p = o + out["depth"][..., None].nan_to_num(posinf=0.0) * d
+    torch.testing.assert_close(p[hit], out["points"][hit], atol=1e-5, rtol=0)
+    # and those points lie on the head's surface (the depth is the distance along the unit ray)
+    sdf = heads.Head(heads.sample_identity(3)).sdf(p[hit])
+    assert sdf.abs().max() < 5e-3

@@ -1,0 +1,244 @@
+"""The evaluation protocol: held-out identities only, true views, baselines, scoring, the table."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spinmeround_lite import evaluate as E
+from spinmeround_lite.dataset import HeadDataset, render_identity, write_external
+from spinmeround_lite.heads import sample_identity
+from spinmeround_lite.runs import Run, write_json
+
+RES = 32
+
+
+class _ProjectionEncoder:
+    """Stand-in identity encoder: a fixed random projection of the pixels, unit norm."""
+
+    def __init__(self, seed=0):
+        self.W = torch.randn(3 * RES * RES, 512, generator=torch.Generator().manual_seed(seed))
+
+    def embed(self, images):
+        return torch.nn.functional.normalize(images.float().flatten(1) @ self.W, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A run folder and a dataset of two procedural identities (one train, one held out), two rig views each."""
+    root = tmp_path_factory.mktemp("evaldata")
+    ids = {f"h{i}": render_identity(sample_identity(100 + i), views=2, resolution=RES) for i in range(2)}
+    data = write_external(root / "data", ids, heldout=["h1"])
+    run = Run("test", root / "run", seed=0, device="cpu")
+    return run, data
+
+
+# ------------------------------------------------------------------------------ protocol
+def test_eval_yaws_are_even_and_start_frontal():
+    y = E.eval_yaws(16)
+    assert y.shape == (16,) and float(y[0]) == 0.0
+    assert sorted(((y + 360) % 360).tolist()) == pytest.approx([22.5 * i for i in range(16)])
+    assert float(y.max()) == 180.0 and float(y.min()) > -180.0
+    assert E.eval_yaws(4).tolist() == [0.0, 90.0, 180.0, -90.0]
+
+
+def test_assert_heldout_raises_on_a_training_identity():
+    E.assert_heldout(["a", "b"], {"c"})
+    with pytest.raises(E.LeakageError, match="'b'"):
+        E.assert_heldout(["a", "b"], {"b", "c"})
+
+
+def test_protocol_refuses_training_identities(tiny):
+    run, data = tiny
+    assert E.training_identities(run, data) == {"h0"}
+    with pytest.raises(E.LeakageError, match="h0"):
+        E.heldout_cases(run, identities=["h0"], n_angles=2, dataset_root=data, progress=False)
+
+
+def test_protocol_refuses_identities_of_a_training_manifest(tiny, tmp_path):
+    _, data = tiny
+    run = Run("test", tmp_path / "run2", device="cpu")
+    write_json(run.root / "models" / "spin" / "log.json", {"steps": 3, "train_identities": ["h1"]})
+    assert "h1" in E.training_identities(run, data)
+    with pytest.raises(E.LeakageError, match="h1"):
+        E.heldout_cases(run, n_identities=1, n_angles=2, dataset_root=data, progress=False)
+    # the latent cache's index marks each identity's split
+    run3 = Run("test", tmp_path / "run3", device="cpu")
+    write_json(run3.root / "latents" / "index.json", {"identities": {"h0": "train", "h1": "train"}})
+    with pytest.raises(E.LeakageError):
+        E.heldout_cases(run3, n_angles=2, dataset_root=data, progress=False)
+
+
+def test_heldout_cases_render_the_truth_in_the_dataset_convention(tiny):
+    run, data = tiny
+    cases = E.heldout_cases(run, n_identities=5, n_angles=2, dataset_root=data, progress=False)
+    assert [c.identity for c in cases] == ["h1"]                    # only held-out ones, however many asked
+    c = cases[0]
+    assert c.truth == "render" and c.n_angles == 2
+    assert c.rgb.shape == (2, 3, RES, RES) and c.alpha.shape == (2, 1, RES, RES) and c.normal.shape == (2, 3, RES, RES)
+    assert c.yaw.tolist() == [0.0, 180.0]
+    # the frontal truth is the dataset's stored frontal view (rig view 0: yaw 0, pitch 0), up to uint8 rounding
+    stored = HeadDataset(data, "heldout").views(0, [0])
+    assert torch.allclose(c.rgb[0], stored["rgb"][0], atol=1.5 / 255)
+    assert torch.allclose(c.input_rgb, c.rgb[0])
+    assert torch.allclose(c.alpha[0], stored["alpha"][0], atol=1.5 / 255)
+    inside = (stored["alpha"][0, 0] > 0.99) & (c.alpha[0, 0] > 0.99)
+    cos = (c.normal[0] * stored["normal"][0]).sum(0)[inside]
+    assert float(cos.min()) > 0.99
+    assert 0.05 < float(c.alpha.mean()) < 0.95                      # a head, not an empty or full frame
+
+
+# ------------------------------------------------------------------------------ scoring
+def _fake_case(A=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.rand(A, 3, RES, RES, generator=g)
+    alpha = (torch.rand(A, 1, RES, RES, generator=g) > 0.3).float()
+    normal = torch.nn.functional.normalize(torch.randn(A, 3, RES, RES, generator=g), dim=1)
+    yaw = E.eval_yaws(A)
+    return E.EvalCase(f"x{seed}", rgb[0].clone(), torch.eye(4), torch.eye(3), yaw, torch.zeros(A),
+                      torch.eye(4).expand(A, 4, 4), rgb, alpha, normal)
+
+
+def test_perfect_method_scores_perfectly_and_lpips_is_null_with_reason(tmp_path):
+    cases = [_fake_case(3, s) for s in range(2)]
+    enc = {"cond": _ProjectionEncoder(0), "eval": _ProjectionEncoder(1)}
+    res = E.evaluate_method(cases, lambda c: {"rgb": c.rgb, "normal": c.normal}, enc, progress=False,
+                            lpips_path=tmp_path / "no_weights")
+    assert res["l2"] == 0.0 and res["ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert res["id_sim_cond"] == pytest.approx(1.0, abs=1e-5) and res["id_sim_eval"] == pytest.approx(1.0, abs=1e-5)
+    assert res["normal_angle_err_deg"] < 0.05
+    assert res["lpips"] is None and "no LPIPS weights" in res["lpips_reason"]
+    assert res["per_angle"]["yaw"] == E.eval_yaws(3).tolist()
+    assert all(len(res["per_angle"][m]) == 3 for m in ("l2", "ssim", "id_sim_cond", "id_sim_eval"))
+    assert res["n_identities"] == 2 and len(res["per_identity"]["l2"]) == 2
+
+
+def test_scores_match_metrics_per_angle(tmp_path):
+    case = _fake_case(3, 5)
+    other = _fake_case(3, 6)
+    res = E.evaluate_method([case], lambda c: {"rgb": other.rgb, "normal": None}, {"cond": None, "eval": None},
+                            progress=False, lpips_path=tmp_path)
+    expected = ((other.rgb - case.rgb) ** 2).flatten(1).mean(1)
+    assert res["per_angle"]["l2"] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert res["l2"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert res["normal_angle_err_deg"] is None and "no normal maps" in res["normal_angle_err_deg_reason"]
+    assert res["id_sim_cond"] is None and res["id_sim_cond_reason"]
+    assert res["novel_views"]["l2"] == pytest.approx(float(expected[1:].mean()), rel=1e-5)
+
+
+def test_wrong_number_of_views_is_an_error():
+    case = _fake_case(3)
+    with pytest.raises(ValueError, match="one view per evaluation angle"):
+        E.score_views(case, case.rgb[:2], None, {})
+
+
+# ------------------------------------------------------------------------------ baselines
+def test_copy_input_baseline_shapes_and_exact_at_the_input_angle(tmp_path):
+    case = _fake_case(4)
+    out = E.copy_input_method(case)
+    assert out["rgb"].shape == (4, 3, RES, RES) and out["normal"].shape == (4, 3, RES, RES)
+    assert torch.equal(out["rgb"][2], case.input_rgb)
+    assert torch.allclose(out["normal"][:, 2], -torch.ones(4, RES, RES))
+    res = E.evaluate_method([case], E.copy_input_method, {}, progress=False, lpips_path=tmp_path)
+    assert res["per_angle"]["l2"][0] == 0.0 and res["per_angle"]["l2"][1] > 0.01
+
+
+def test_mean_head_baseline_shapes(tiny):
+    run, data = tiny
+    yaw = E.eval_yaws(2)
+    mh = E.mean_training_head(run, yaw, max_identities=4, dataset_root=data, progress=False)
+    assert mh["n"] == 1                                            # the one training identity
+    assert mh["rgb"].shape == (2, 3, RES, RES) and mh["normal"].shape == (2, 3, RES, RES)
+    assert mh["alpha"].shape == (2, 1, RES, RES)
+    assert torch.allclose(mh["normal"].norm(dim=1), torch.ones(2, RES, RES), atol=1e-5)
+    train_front = HeadDataset(data, "train").views(0, [0])["rgb"][0]
+    assert torch.allclose(mh["rgb"][0], train_front, atol=1.5 / 255)   # the mean of one head is that head
+    case = E.heldout_cases(run, n_angles=2, dataset_root=data, progress=False)[0]
+    assert E.mean_head_method(mh)(case)["rgb"].shape == case.rgb.shape
+
+
+# ------------------------------------------------------------------------------ the model and its variants
+@pytest.fixture(scope="module")
+def parts():
+    from spinmeround_lite.latents import LatentCodec, build_vae
+    from spinmeround_lite.model import SpinModel
+    from spinmeround_lite.profiles import get_profile
+    from spinmeround_lite.spin import SpinParts
+
+    P = get_profile("test")
+    torch.manual_seed(0)
+    model = SpinModel.from_profile(P, pretrained=False).eval()
+    return SpinParts(model, LatentCodec(build_vae(P), scale=1.0, resolution=P.resolution), _ProjectionEncoder(),
+                     P, "untrained")
+
+
+def test_generate_case_matches_spin_and_variants_have_the_right_shapes(parts):
+    from spinmeround_lite.spin import spin
+
+    case = _fake_case(4)
+    case.input_rgb = torch.ones(3, RES, RES) * 0.9        # plain white edges: a render, used as it is
+    full = E.generate_case(parts, case, E.FULL, seed=3, steps=1)
+    ref = spin(case.input_rgb, yaws=case.yaw.tolist(), parts=parts, seed=3, steps=1, align=False, progress=False)
+    assert torch.allclose(full["rgb"], ref.views, atol=1e-5)
+    assert torch.allclose(full["normal"], ref.normal_vectors(), atol=1e-5)
+    assert torch.equal(full["rgb"][0], case.input_rgb)
+    outs = {}
+    for name, variant in E.ABLATION_VARIANTS.items():
+        outs[name] = out = E.generate_case(parts, case, variant, seed=3, steps=1)
+        assert out["rgb"].shape == (4, 3, RES, RES), name
+        assert (out["normal"] is None) == (not variant.normals), name
+    assert not torch.equal(outs["no_input_image"]["rgb"][0], case.input_rgb)   # it never sees the input
+    assert torch.equal(outs["no_identity"]["rgb"][0], case.input_rgb)
+    assert not torch.allclose(outs["no_identity"]["rgb"][1:], full["rgb"][1:])  # the identity changes the views
+
+
+def test_attention_2d_switches_3d_attention_off_and_back(parts):
+    unet = parts.model.unet
+    before = set(unet.levels_3d)
+    assert before                                            # the test model has 3D levels
+    with E.attention_2d(parts.model):
+        assert unet.levels_3d == set()
+    assert unet.levels_3d == before
+
+
+def test_chunks_around_cover_every_view_once():
+    yaws = E.eval_yaws(16)
+    chunks = E._chunks_around(yaws, 8)
+    assert sorted(i for c in chunks for i in c) == list(range(16))
+    assert all(len(c) <= 8 for c in chunks) and len(chunks) == 2
+    for c in chunks:                                          # each chunk goes all the way round
+        assert float(yaws[c].max() - yaws[c].min()) > 270
+
+
+# ------------------------------------------------------------------------------ the table
+def _row(l2, ssim, source="x"):
+    return {"l2": l2, "ssim": ssim, "lpips": None, "lpips_reason": "no LPIPS weights here", "id_sim_cond": 0.5,
+            "id_sim_eval": 0.6, "normal_angle_err_deg": 20.0, "source": source}
+
+
+def test_results_table_and_ordering():
+    res = {"model": _row(0.02, 0.8, "trained (12 steps)"),
+           "baselines": {"copy_input": _row(0.05, 0.7), "mean_head": _row(0.01, 0.75)},
+           "ablations": {"no_identity": _row(0.03, 0.7), "no_normals": E.unavailable("trainer lacks 'image_only'")}}
+    md = E.results_table(res, "test")
+    assert "SpinMeRound (paper)" in md and "0.033" in md and "0.911" in md
+    assert "procedural heads" in md and "ours: full model" in md
+    assert "no LPIPS weights here" in md and "trainer lacks 'image_only'" in md
+    assert md.count("| n/a |") >= 4
+    rep = E.ordering_report(res)
+    assert rep["baselines"]["copy_input"] == {"l2": True, "ssim": True}
+    assert rep["baselines"]["mean_head"]["l2"] is False and not rep["all_ok"]
+    assert "mean_head" in rep["note"] and rep["ablations"]["no_normals"]["l2"] is None
+
+
+def test_plot_per_angle_draws_every_method():
+    import matplotlib
+    matplotlib.use("Agg")
+    per = {"yaw": [0.0, 90.0, 180.0, -90.0], "l2": [0.0, 0.1, 0.2, 0.1], "ssim": [1.0, 0.5, 0.4, 0.5]}
+    res = {"model": dict(_row(0.1, 0.6), per_angle=per), "baselines": {"copy_input": dict(_row(0.2, 0.5), per_angle=per)}}
+    fig = E.plot_per_angle(res, ["l2", "ssim", "lpips"])
+    axes = fig.axes
+    assert len(axes[0].lines) == 2 and len(axes[1].lines) == 2 and len(axes[2].lines) == 0
+    xs = axes[0].lines[0].get_xdata()
+    assert list(xs) == sorted(xs) and not math.isnan(float(np.sum(xs)))

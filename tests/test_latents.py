@@ -1,0 +1,136 @@
+"""The latent space: the autoencoder saves and loads (a local SD-style folder too), the codec's scale gives unit
+variance, the latent cache holds the right latents (white and coloured backgrounds) and is rebuilt when stale."""
+
+import numpy as np
+import pytest
+import torch
+
+from spinmeround_lite.dataset import HeadDataset, write_external
+from spinmeround_lite.latents import (LatentCache, LatentCodec, background_colours, build_vae, composite,
+                                      ensure_latent_cache, ensure_vae, load_vae, measure_scale)
+from spinmeround_lite.profiles import get_profile
+from spinmeround_lite.runs import Run
+
+TINY = get_profile("test").replace(name="tiny", resolution=16, vae_channels=(8, 16), vae_steps=2, vae_batch=4)
+
+
+def tiny_vae(seed=0, scale=0.7):
+    torch.manual_seed(seed)
+    vae = build_vae(TINY)
+    vae.register_to_config(scaling_factor=scale)
+    return vae.eval()
+
+
+def images(n=6, res=16, seed=0):
+    return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed))
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = load_vae(tmp_path)                                      # finds vae/ in a pipeline-like folder
+    a, b = LatentCodec(vae), LatentCodec(loaded)
+    assert b.scale == pytest.approx(0.7) and b.latent_res == 8
+    x = images()
+    torch.testing.assert_close(b.encode(x), a.encode(x))
+    z = a.encode(x)
+    torch.testing.assert_close(b.decode(z), a.decode(z))
+
+
+def test_pretrained_folder_replaces_training(tmp_path):
+    vae = tiny_vae(scale=0.18215)
+    vae.save_pretrained(tmp_path / "sd-vae")
+    run = Run(TINY.replace(vae_pretrained=str(tmp_path / "sd-vae")), tmp_path / "run", device="cpu")
+    codec = ensure_vae(run, progress=False)                          # no dataset, no training: the local folder
+    assert codec.scale == pytest.approx(0.18215)
+    x = images()
+    torch.testing.assert_close(codec.encode(x), LatentCodec(vae).encode(x))
+    assert not run.model_dir("vae").exists()
+
+
+def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
+    run = Run(TINY.replace(vae_pretrained=str(tmp_path / "weights" / "sd15-vae")), tmp_path / "run", device="cpu")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        ensure_vae(run, progress=False)
+
+
+def test_codec_shapes_and_range():
+    codec = LatentCodec(tiny_vae())
+    x = images(6).reshape(2, 3, 3, 16, 16)                          # (B, V, 3, H, W)
+    z = codec.encode(x)
+    assert z.shape == (2, 3, 4, 8, 8)
+    y = codec.decode(z)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    with pytest.raises(ValueError, match="3, H, W"):
+        codec.encode(torch.rand(2, 4, 16, 16))
+
+
+def test_measured_scale_gives_unit_variance():
+    vae = tiny_vae()
+    x = images(16)
+    scale, stats = measure_scale(vae, x)
+    assert abs(scale - 1.0) > 0.05                                   # the raw latents are not unit variance
+    z = LatentCodec(vae, scale=scale).encode(x)
+    assert z.std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_composite_puts_background_colour():
+    rgb = torch.ones(2, 3, 4, 4)
+    rgb[:, :, 1:3, 1:3] = 0.25                                       # a grey square on white
+    alpha = torch.zeros(2, 1, 4, 4)
+    alpha[:, :, 1:3, 1:3] = 1
+    colour = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.4, 0.6]])
+    out = composite(rgb, alpha, colour)
+    torch.testing.assert_close(out[:, :, 1:3, 1:3], rgb[:, :, 1:3, 1:3])
+    torch.testing.assert_close(out[1, :, 0, 0], colour[1])
+    torch.testing.assert_close(background_colours("id7", 5, 3), background_colours("id7", 5, 3))
+    assert not torch.equal(background_colours("id7", 5, 3), background_colours("id8", 5, 3))
+
+
+def _tiny_dataset(root, n=3, views=4, res=16):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:res, :res]
+    ids = {}
+    for i in range(n):
+        disk = ((yy - res / 2) ** 2 + (xx - res / 2 - i) ** 2 < (res / 3) ** 2)
+        alpha = np.repeat((disk * 255).astype(np.uint8)[None], views, 0)
+        colour = rng.integers(0, 255, (views, 1, 1, 3))
+        rgb = np.where(disk[None, :, :, None], colour, 255).astype(np.uint8)
+        normal = np.where(disk[None, :, :, None], rng.integers(0, 255, (views, res, res, 3)), 255).astype(np.uint8)
+        c2w = np.repeat(np.eye(4, dtype=np.float32)[None], views, 0)
+        ids[f"id{i:05d}"] = dict(rgb=rgb, alpha=alpha, normal=normal, c2w=c2w,
+                                 K=np.array([[40, 0, 8], [0, 40, 8], [0, 0, 1]], np.float32),
+                                 yaw=np.linspace(0, 270, views).astype(np.float32),
+                                 pitch=np.zeros(views, np.float32))
+    write_external(root, ids, heldout=[f"id{n - 1:05d}"])
+
+
+def test_latent_cache(tmp_path):
+    run = Run(TINY, tmp_path / "run", device="cpu", seed=3)
+    _tiny_dataset(run.data_dir)
+    Run.mark_complete(run.data_dir)
+    codec = LatentCodec(tiny_vae())
+    cache = ensure_latent_cache(run, codec, progress=False)
+    assert cache.ids == ["id00000", "id00001", "id00002"] and cache.split("heldout") == ["id00002"]
+    assert cache.size_bytes > 0 and cache.index["encode_images_per_s"] > 0
+    ds = HeadDataset(run.data_dir, "train")
+    v = ds.views(1, [1, 3])
+    d = cache.get("id00001", [1, 3])
+    assert d["rgb"].shape == (2, 4, 8, 8) and d["bg"].shape == (2, 3)
+    tol = dict(atol=2e-2, rtol=2e-3)                                 # stored as float16
+    torch.testing.assert_close(d["rgb"], codec.encode(v["rgb"]), **tol)
+    torch.testing.assert_close(d["normal"], codec.encode(v["normal_rgb"]), **tol)
+    torch.testing.assert_close(d["rgb_bg"], codec.encode(composite(v["rgb"], v["alpha"], d["bg"])), **tol)
+    torch.testing.assert_close(d["bg"], background_colours("id00001", 4, seed=3)[[1, 3]])
+    assert (d["rgb_bg"] - d["rgb"]).abs().max() > 0.05
+    # reused as it is; rebuilt when the autoencoder changes
+    stamp = (cache.folder / "id00000.safetensors").stat().st_mtime_ns
+    ensure_latent_cache(run, codec, progress=False)
+    assert (cache.folder / "id00000.safetensors").stat().st_mtime_ns == stamp
+    other = LatentCodec(tiny_vae(), scale=1.3)
+    d2 = ensure_latent_cache(run, other, progress=False).get("id00001", [1, 3])
+    torch.testing.assert_close(d2["rgb"], codec.encode(v["rgb"]) / 0.7 * 1.3, **tol)
+    with pytest.raises(KeyError, match="not in the latent cache"):
+        cache.get("nobody")
+    with pytest.raises(FileNotFoundError, match="ensure_latent_cache"):
+        LatentCache(tmp_path / "nowhere")

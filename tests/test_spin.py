@@ -1,0 +1,267 @@
+"""The public entry point: yaw order and count, the three steps' plan, inputs of every kind, saved files.
+
+A tiny randomly initialised model of the ``test`` profile stands in for a trained one (injected as
+``SpinParts``), so nothing here trains; the pictures are noise, the bookkeeping is what is checked.
+"""
+
+import importlib
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spinmeround_lite import cameras
+from spinmeround_lite.profiles import get_profile
+from spinmeround_lite.runs import Run
+from spinmeround_lite.spin import (AlignmentError, ImageError, SpinParts, SpinResult, align_with_keypoints,
+                                   ensure_spin, face_template, intermediates, load_image, looks_like_render,
+                                   plan_rounds, prepare_input, spin, spin_yaws, triplet_anchors)
+
+spin_module = importlib.import_module("spinmeround_lite.spin")
+P = get_profile("test")
+FAST = dict(steps=1, cfg_scale=2.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from spinmeround_lite.identity import LearnedEncoder, encoder_config
+    from spinmeround_lite.latents import LatentCodec, build_vae
+    from spinmeround_lite.model import SpinModel
+
+    torch.manual_seed(0)
+    model = SpinModel.from_profile(P, pretrained=False).eval()
+    codec = LatentCodec(build_vae(P), resolution=P.resolution)
+    encoder = LearnedEncoder(encoder_config(P, "cond")).eval()
+    return SpinParts(model, codec, encoder, P)
+
+
+def render_like(R=32, seed=0) -> torch.Tensor:
+    """A white square image with a head-like blob that touches the bottom edge (as the neck does)."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R), indexing="ij")
+    head = ((x / 0.5) ** 2 + (y / 0.65) ** 2 < 1) | ((x.abs() < 0.2) & (y > 0.3))
+    col = torch.rand(3, 1, 1, generator=g) * 0.6 + 0.2
+    return torch.where(head, col.expand(3, R, R), torch.ones(3, R, R))
+
+
+def photo_like(H=48, W=40) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(3, H, W, generator=g) * 0.5 + 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan of steps B and C
+# ----------------------------------------------------------------------------------------------
+def test_triplets_bracket_their_targets():
+    assert triplet_anchors(10.0) == (45.0, -45.0) and triplet_anchors(-30.0) == (45.0, -45.0)
+    assert triplet_anchors(100.0) == (90.0, 135.0)
+    assert triplet_anchors(170.0) == (135.0, -180.0) and triplet_anchors(-170.0) == (-180.0, -135.0)
+    assert triplet_anchors(-60.0) == (-90.0, -45.0)
+
+
+@pytest.mark.parametrize("n,rounds", [(48, 8), (88, 16)])
+def test_plan_48_and_88_views_five_per_round(n, rounds):
+    yaw = spin_yaws(n)
+    known = {0.0, *[float(a) for a in cameras.ANCHOR_YAWS], -180.0}
+    todo = [float(y) for y in yaw if float(y) not in known]
+    assert len(todo) == n - 8                              # the input and the 7 anchors are not redone
+    plan = plan_rounds(todo, 5)
+    assert len(plan) == rounds and all(len(idx) == 5 for _, idx in plan)
+    assert sorted(i for _, idx in plan for i in idx) == list(range(len(todo)))
+    for (a, b), idx in plan:
+        for i in idx:
+            r = todo[i]
+            if abs(r) < 45:
+                assert (a, b) == (45.0, -45.0)
+            else:                                          # the two anchors around the target
+                lo, hi = a, (b if b > a else b + 360)
+                assert lo < (r if r >= lo else r + 360) < hi
+
+
+# ----------------------------------------------------------------------------------------------
+# spin() end to end with an injected tiny model
+# ----------------------------------------------------------------------------------------------
+def test_spin_returns_views_in_yaw_order(parts):
+    img = render_like()
+    res = spin(img, n_views=12, parts=parts, **FAST)
+    assert len(res) == 12
+    assert res.views.shape == (12, 3, 32, 32) and res.normals.shape == (12, 3, 32, 32)
+    assert torch.allclose(res.yaw, torch.tensor([0, 30, 60, 90, 120, 150, -180, -150, -120, -90, -60, -30.0]))
+    assert torch.allclose(res.c2w, cameras.orbit_c2w(res.yaw, res.pitch), atol=1e-5)
+    assert torch.allclose(res.K, cameras.intrinsics(32))
+    assert torch.equal(res.views[0], prepare_input(img, 32)[0])               # view 0 is the input
+    assert res.info["framing"] == "render" and res.info["generated"]["intermediates"] == 8
+    assert 0 <= float(res.views.min()) and float(res.views.max()) <= 1
+
+    # explicit yaws come back in the order asked; shared views (the anchor at 90) are identical
+    res2 = spin(img, yaws=[90.0, -30.0, 0.0], parts=parts, **FAST)
+    assert torch.allclose(res2.yaw, torch.tensor([90.0, -30.0, 0.0]))
+    assert torch.equal(res2.latents[0], res.latents[3])
+    assert torch.equal(res2.views[2], res.views[0])
+    # same seed, same spin; another seed, another
+    res3 = spin(img, yaws=[90.0], parts=parts, seed=1, **FAST)
+    assert not torch.allclose(res3.latents[0], res.latents[3])
+
+
+def test_intermediates_do_not_depend_on_batching(parts):
+    z_in = torch.randn(8, P.latent_res, P.latent_res)
+    z_anc = torch.randn(7, *z_in.shape)
+    emb = torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)
+    yaws = spin_yaws(16)[[1, 3, 5, 9]]
+    a = intermediates(parts.model, P, z_in, z_anc, yaws, emb, steps=1, cfg_scale=2.0, batch_rounds=8)
+    b = intermediates(parts.model, P, z_in, z_anc, yaws, emb, steps=1, cfg_scale=2.0, batch_rounds=1)
+    assert a.shape == (4, 8, P.latent_res, P.latent_res)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)   # batched convolutions round differently, slightly
+
+
+def test_save_and_load(parts, tmp_path):
+    res = spin(render_like(), n_views=8, parts=parts, **FAST)
+    out = res.save(tmp_path / "spin")
+    with np.load(out / "views.npz") as z:
+        assert set(z.files) == {"rgb", "normal", "c2w", "K", "yaw", "pitch"}
+        assert z["rgb"].dtype == np.uint8 and z["rgb"].shape == (8, 32, 32, 3)
+        assert z["normal"].dtype == np.uint8 and z["normal"].shape == (8, 32, 32, 3)
+        assert z["c2w"].shape == (8, 4, 4) and z["K"].shape == (3, 3) and z["yaw"].shape == (8,)
+    assert len(list((out / "rgb").glob("*.png"))) == 8 and len(list((out / "normal").glob("*.png"))) == 8
+    with Image.open(out / "turntable.gif") as gif:
+        assert gif.n_frames == 8
+    back = SpinResult.load(out)
+    assert torch.allclose(back.views, res.views, atol=1 / 255 + 1e-6) and torch.equal(back.yaw, res.yaw)
+
+
+def test_ensure_spin_builds_once(parts, tmp_path):
+    from spinmeround_lite.dataset import write_external
+
+    run = Run(P.replace(spin_views=8), tmp_path / "run")
+    img = (render_like().permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    V = 2
+    arrays = {"rgb": np.stack([img] * V), "alpha": np.full((V, 32, 32), 255, np.uint8),
+              "normal": np.full((V, 32, 32, 3), 128, np.uint8),
+              "c2w": cameras.orbit_c2w(torch.tensor([0.0, 180.0])).numpy(), "K": cameras.intrinsics(32).numpy(),
+              "yaw": np.array([0.0, 180.0], np.float32), "pitch": np.zeros(V, np.float32)}
+    write_external(run.data_dir, {"h0": arrays, "h1": arrays}, heldout=["h1"])
+    Run.mark_complete(run.data_dir)
+    folder = ensure_spin(run, parts=parts, progress=False)
+    stamp = (folder / "views.npz").stat().st_mtime_ns
+    with np.load(folder / "views.npz") as z:
+        assert z["rgb"].shape == (8, 32, 32, 3) and np.allclose(z["yaw"], spin_yaws(8).numpy())
+    assert ensure_spin(run, parts=parts, progress=False) == folder
+    assert (folder / "views.npz").stat().st_mtime_ns == stamp          # reused, not rebuilt
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_corrupt_file_is_named(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(good, format="png")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(good.getvalue()[:60])                  # header survives, data truncated
+    with pytest.raises(ImageError, match="broken.png"):
+        load_image(bad)
+
+
+def test_non_images_refused(tmp_path):
+    txt = tmp_path / "notes.png"
+    txt.write_text("not an image at all")
+    with pytest.raises(ImageError, match="notes.png"):
+        load_image(txt)
+    with pytest.raises(ImageError, match="dict"):
+        load_image({"rgb": 1})
+    with pytest.raises(ImageError, match="shape"):
+        load_image(np.zeros((4, 40, 40, 3), np.uint8))
+    with pytest.raises(ImageError, match=r"\[0, 1\]"):
+        load_image(np.full((40, 40, 3), 200.0, np.float32))
+    with pytest.raises(ImageError, match="smallest"):
+        load_image(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ImageError, match="folder"):
+        load_image(tmp_path)
+
+
+def test_16bit_and_grayscale_are_converted(tmp_path):
+    ramp16 = (np.linspace(0, 65535, 40 * 40).reshape(40, 40)).astype(np.uint16)
+    p16 = tmp_path / "gray16.png"
+    Image.fromarray(ramp16).save(p16)
+    x = load_image(p16)
+    assert x.shape == (3, 40, 40) and torch.allclose(x[0], x[2])
+    assert torch.allclose(x[0], torch.from_numpy(ramp16 / 65535.0).float(), atol=1e-4)
+    assert torch.allclose(load_image(ramp16), x, atol=1e-6)            # the same as an array
+
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((30, 50), 51, np.uint8), mode="L").save(gray)
+    g = load_image(gray)
+    assert g.shape == (3, 30, 50) and torch.allclose(g, torch.full_like(g, 0.2))
+
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:10, :, 3] = 255                                   # top half opaque red, bottom transparent
+    r = load_image(Image.fromarray(rgba, mode="RGBA"))
+    assert torch.allclose(r[:, 0, 0], torch.tensor([1.0, 0, 0])) and torch.allclose(r[:, -1, 0], torch.ones(3))
+    t = load_image(torch.rand(3, 24, 24))                   # channel-first tensors
+    assert t.shape == (3, 24, 24)
+
+
+def test_renders_are_recognised_and_photos_need_alignment(tmp_path):
+    assert looks_like_render(render_like())
+    assert not looks_like_render(photo_like())
+    assert not looks_like_render(torch.ones(3, 32, 40))     # not square
+    with pytest.raises(AlignmentError) as e:
+        prepare_input(photo_like(), 32, align=True, weights_dir=tmp_path)
+    msg = str(e.value)
+    assert "scrfd_10g_bnkps.onnx" in msg and "--no-align" in msg and str(tmp_path) in msg
+    with pytest.warns(UserWarning, match="not square"):
+        img, how = prepare_input(photo_like(), 32, align=False)
+    assert how == "as given" and img.shape == (3, 32, 32)
+    img, how = prepare_input(render_like(64), 32)
+    assert how == "render" and img.shape == (3, 32, 32)
+
+
+def test_spin_refuses_bad_input_before_loading_anything(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        spin(tmp_path / "missing.jpg", profile="test", progress=False)     # no run, no model needed
+
+
+def test_alignment_crop_recovers_a_known_similarity():
+    """Put a render into a larger 'photo' by a known similarity; its keypoints there must crop it back."""
+    R = 32
+    src = render_like(R)
+    tpl = face_template(R)                                   # (5, 2) keypoints of the render's face
+    ang, s, t = 0.3, 2.5, torch.tensor([30.0, 12.0])
+    A = s * torch.tensor([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]], dtype=torch.float64)
+    M = torch.cat([A, t.double()[:, None]], 1)               # render pixel -> photo pixel
+    from spinmeround_lite.identity import warp_affine
+    photo = warp_affine(src - 1, M, 120) + 1                 # (3, 120, 120), white outside
+    kp = tpl @ A.T + t.double()
+    back = align_with_keypoints(photo, kp, R)
+    assert back.shape == (3, R, R)
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    assert (back[inner] - src[inner]).abs().mean() < 0.05
+    assert (face_template(64) / face_template(32) - 2).abs().max() < 0.05   # the template scales with R
+
+
+# ----------------------------------------------------------------------------------------------
+# package and command line
+# ----------------------------------------------------------------------------------------------
+def test_package_import_is_light_and_spin_is_exported():
+    code = ("import sys, spinmeround_lite as s; assert 'torch' not in sys.modules; "
+            "f = s.spin; assert callable(f) and f.__name__ == 'spin'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert callable(spin_module)                             # the module is callable too (same name)
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    rc = spin_module.main([str(tmp_path / "absent.png"), "--out", str(tmp_path / "o"), "--profile", "test",
+                           "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert rc == 2
+    assert "absent.png" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "models").exists()        # nothing was trained for a missing file

@@ -1,0 +1,144 @@
+"""The training recipe and the accelerate trainer (train.py) at the tiny ``test`` profile, on CPU."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spinmeround_lite import train as T
+from spinmeround_lite.model import SpinModel
+from spinmeround_lite.runs import Run
+
+
+@pytest.fixture(scope="module")
+def run():
+    """The session's test-profile run folder (data, encoders, autoencoder and latents built once)."""
+    r = Run("test", os.environ["SMR_RUN_DIR"], device="cpu")
+    return r
+
+
+@pytest.fixture(scope="module")
+def data(run):
+    return T.TrainData(run, progress=False)
+
+
+def test_batches_follow_the_recipe_and_depend_only_on_seed_and_step(data):
+    P = data.P
+    b1 = data.batch(5, stage=1, batch_size=2)
+    assert b1["x0"].shape == (2, P, 8, data.latent_res, data.latent_res)
+    assert b1["rays"].shape == (2, P, 144, data.latent_res, data.latent_res)
+    assert b1["id_emb"].shape == (2, 512) and b1["sigma"].shape == (2,)
+    assert b1["mask"].sum(1).tolist() == [1, 1]                         # stage 1: one conditioning view
+    again = data.batch(5, stage=1, batch_size=2)
+    assert all(torch.equal(b1[k], again[k]) for k in ("x0", "mask", "rays", "sigma", "noise", "drop", "views"))
+    other = data.batch(6, stage=1, batch_size=2)
+    assert not torch.equal(b1["noise"], other["noise"])
+
+    counts, drops, bgs = set(), [], []
+    for step in range(150):
+        b = data.batch(step, stage=2, batch_size=2)
+        counts.update(b["mask"].sum(1).tolist())
+        drops += b["drop"].tolist()
+        bgs += b["bg"].tolist()
+        for k in range(2):                                               # views are distinct rig views
+            assert len(set(b["views"][k].tolist())) == P
+    assert counts == {0, 1, min(3, P - 1)}                               # stage 2: 0, 1 or 3
+    assert 0.08 < sum(drops) / len(drops) < 0.22                         # CFG dropout p = 0.15
+    assert 0.4 < sum(bgs) / len(bgs) < 0.6                               # random background p = 0.5
+    # the random-background latents are those of the same views on another colour
+    name, idx = b1["identity"][0], b1["views"][0].tolist()
+    z = data.cache.get(name, idx)
+    assert torch.equal(T.TrainData.latents(data, name, idx, background=True)[:, :4], z["rgb_bg"])
+
+
+def test_a_few_steps_on_one_fixed_batch_lower_the_loss(data):
+    torch.manual_seed(0)
+    model = SpinModel.from_profile("test")
+    batch = data.batch(0, stage=1, batch_size=2)
+    batch["sigma"] = torch.tensor([0.8, 2.0])                            # fixed, mid-range noise
+    batch["drop"][:] = False
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss = T.training_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _tiny(run, **kw):
+    r = Run(run.profile.replace(**kw), run.root, device="cpu")
+    return r
+
+
+def _weights(folder, name="model.safetensors"):
+    return load_file(str(Path(folder) / name))
+
+
+def test_killed_and_resumed_run_reaches_bitwise_the_same_weights(run, tmp_path):
+    r = _tiny(run, checkpoint_every=2, sample_every=2)
+    full = T.train(r, steps=4, out=tmp_path / "full", resume=False, progress=False)
+    assert full.finished and full.steps == 4 and len(full.grids) == 2
+    assert Path(full.grids[0][1]).stat().st_size > 0 and Path(full.loss_curve).exists()
+
+    r = _tiny(run, checkpoint_every=2, sample_every=0)                  # grids must not change the weights
+    part = T.train(r, steps=4, out=tmp_path / "killed", resume=False, progress=False, stop_after=3)
+    assert not part.finished and not Run.is_complete(tmp_path / "killed")
+    assert [p.name for p in T.checkpoint_dirs(tmp_path / "killed")] == ["step_0000002"]
+    resumed = T.train(r, steps=4, out=tmp_path / "killed", resume=True, progress=False)
+    assert resumed.finished and resumed.steps_this_call == 2            # it resumed from step 2
+    assert resumed.losses == full.losses
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = _weights(tmp_path / "full" / "checkpoints" / "step_0000004", name)
+        b = _weights(tmp_path / "killed" / "checkpoints" / "step_0000004", name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")     # the final EMA models
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = _weights(tmp_path / "killed" / "checkpoints" / "step_0000002")
+    assert not all(torch.equal(a[k], start[k]) for k in a)               # and training moved them
+
+    # a finished run is returned as it is; the model loads
+    again = T.train(r, steps=4, out=tmp_path / "full", resume=True, progress=False)
+    assert again.steps_this_call == 0 and again.final_loss == full.final_loss
+    model = SpinModel.load(tmp_path / "full", "test")
+    assert model.config["weights"] == "ema"
+
+
+def test_two_process_cpu_run_trains_and_its_checkpoint_loads(run, data, tmp_path):
+    out = tmp_path / "ddp"
+    exe = Path(sys.executable).parent / "accelerate"
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "-m", "spinmeround_lite.train", "--device", "cpu", "--profile", "test",
+                      "--run-dir", str(run.root), "--out", str(out), "--steps", "2", "--checkpoint-every", "1",
+                      "--sample-every", "0", "--quiet"]
+    if not exe.exists():
+        cmd.remove("launch")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ts = json.loads((out / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+    assert ts["processes"] == 2 and ts["samples_per_step"] == 2 * run.profile.batch_size
+    assert len(set(ts["weight_checksums"])) == 1                          # both processes hold the same weights
+    model = SpinModel.load(out, "test")
+    b = data.batch(0, stage=1, batch_size=1)
+    with torch.no_grad():
+        D = model.denoise(b["x0"], b["sigma"], b["x0"], b["mask"], b["rays"], b["id_emb"])
+    assert torch.isfinite(D).all()
+
+    # ensure_model finds a complete trained model and does not train again
+    other = Run("test", tmp_path / "run2", device="cpu")
+    shutil.copytree(out, other.model_dir("spin"))
+    model, source = T.ensure_model(other)
+    assert source == "trained" and isinstance(model, SpinModel)
