@@ -59,7 +59,7 @@ ABLATIONS = {
     "no_identity": {"use_identity": False},
     "no_normals": {"image_only": True},
 }
-ABLATION_LABELS = {"no_input_image": "w/o input image (identity only)", "no_identity": "w/o identity embedding",
+ABLATION_LABELS = {"full_same_budget": "**full model, ablation budget**", "no_input_image": "w/o input image (identity only)", "no_identity": "w/o identity embedding",
                    "no_normals": "w/o normal generation (image only)"}
 BASELINE_LABELS = {"copy_input": "input view copied to every angle", "mean_head": "mean training head",
                    "no_3d_attention": "model, 3D attention off (2D)"}
@@ -519,7 +519,7 @@ def ensure_ablation(run: Run, name: str, progress: bool = True) -> tuple[object,
 
     ``reference/<profile>/ablation_<name>`` when the profile uses reference checkpoints and the checkout has
     one (source ``"reference"``); else ``models/ablation_<name>`` of the run, trained now when missing with
-    ``profile.ablation_steps`` steps and the ablation's trainer options (source ``"trained N steps"``).
+    ``profile.ablation_steps`` steps and the ablation's trainer options (source ``"trained"``).
     ``AblationUnavailable`` says why when the trainer cannot make it.
     """
     from .model import SpinModel
@@ -539,7 +539,7 @@ def ensure_ablation(run: Run, name: str, progress: bool = True) -> tuple[object,
                 f"{options}) and reference/{run.profile.name}/{folder_name} is absent")
         from .train import train
         train(run, steps=steps, out=folder, progress=progress, grids=False, **options)
-    return SpinModel.load(folder, run.profile, run.device), f"trained {steps} steps"
+    return SpinModel.load(folder, run.profile, run.device), "trained"
 
 
 def _logged_steps(folder: Path) -> int | None:
@@ -550,11 +550,16 @@ def _logged_steps(folder: Path) -> int | None:
         return None
 
 
-def model_steps(run: Run, source: str) -> int | None:
-    """Training steps of the run's main model (``models/spin/log.json``), None for a reference checkpoint."""
-    if source == "reference":
-        return None
-    return _logged_steps(run.model_dir("spin"))
+def trained_steps(model) -> int | None:
+    """Optimizer steps behind a ``SpinModel`` checkpoint (its config's ``step``), None if it does not say."""
+    step = getattr(model, "config", {}).get("step")
+    return int(step) if step is not None else None
+
+
+def describe_source(source: str, model=None) -> str:
+    """``"trained, 12 steps"``, ``"reference, 150 steps"``: where a model came from and its training budget."""
+    steps = trained_steps(model) if model is not None else None
+    return source if steps is None else f"{source}, {steps} steps"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,7 +601,7 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
                      + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
     if results.get("ablations"):
         lines += ["", "### Ablations (paper: full model best on L2, LPIPS, SSIM)", "", head]
-        if model:
+        if model and "full_same_budget" not in results["ablations"]:
             lines.append(f"| **full model** | {model.get('source', '')} | "
                          + " | ".join(_fmt(model.get(c)) for c in cols) + " |")
         for name, row in results["ablations"].items():
@@ -616,23 +621,32 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
 
 
 def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
-    """Does the full model beat every baseline and every ablation on ``metrics_``? -> {"baselines": {..},
-    "ablations": {..}, "all_ok": bool, "note": plain sentences naming each failure}."""
+    """Does the full model beat every baseline and every ablation on ``metrics_``?
+
+    Baselines are compared with the run's model; ablations with ``full_same_budget`` when present (the full
+    model trained with the ablations' budget), else with the run's model.
+    -> ``{"baselines": {name: {metric: bool or None}}, "ablations": {...}, "all_ok": bool, "note": sentences}``.
+    """
     model = results.get("model") or {}
+    abl = results.get("ablations", {}) or {}
     rep: dict = {"baselines": {}, "ablations": {}}
     fails = []
-    for group in ("baselines", "ablations"):
-        for name, row in results.get(group, {}).items():
+    for group, ref, ref_name in (("baselines", model, "the full model"),
+                                 ("ablations", abl.get("full_same_budget", model),
+                                  "the full model (ablation budget)" if "full_same_budget" in abl else "the full model")):
+        for name, row in (results.get(group) or {}).items():
+            if name == "full_same_budget":
+                continue
             rep[group][name] = {}
             for m in metrics_:
-                a, b = model.get(m), row.get(m)
+                a, b = (ref or {}).get(m), (row or {}).get(m)
                 if a is None or b is None:
                     rep[group][name][m] = None
                     continue
                 better = a < b if LOWER_IS_BETTER[m] else a > b
                 rep[group][name][m] = bool(better)
                 if not better:
-                    fails.append(f"the full model does not beat {group[:-1]} '{name}' on {m} ({a:.4f} vs {b:.4f})")
+                    fails.append(f"{ref_name} does not beat {group[:-1]} '{name}' on {m} ({a:.4f} vs {b:.4f})")
     rep["all_ok"] = not fails
     rep["note"] = ("The full model beats every baseline and ablation on " + " and ".join(metrics_) + "."
                    if not fails else "; ".join(fails) + ".")
@@ -694,13 +708,11 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
     from .identity import ensure_encoder
     from .spin import SpinParts
 
-    P = run.profile
     cases = heldout_cases(run, n_identities, n_angles, progress=progress)
     parts = SpinParts.from_run(run, progress=progress)
     encoders = {"cond": parts.encoder, "eval": ensure_encoder(run, "eval", progress=progress)}
     kw = dict(lpips_path=lpips_path, progress=progress)
-    steps = model_steps(run, parts.source)
-    source = parts.source if steps is None else f"{parts.source} ({steps} steps)"
+    source = describe_source(parts.source, parts.model)
     results: dict = {"protocol": protocol_info(run, cases), "baselines": {}, "ablations": {}}
     results["model"] = evaluate_method(cases, model_method(parts, FULL, run.seed), encoders, "full model", source, **kw)
     if baselines:
@@ -711,35 +723,41 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
                                                             f"mean of {mh['n']} training heads", **kw)
         with attention_2d(parts.model):
             results["baselines"]["no_3d_attention"] = evaluate_method(
-                cases, model_method(parts, FULL, run.seed), encoders, "no 3D attention", f"{source}, 2D attention",
-                **kw)
+                cases, model_method(parts, FULL, run.seed), encoders, "no 3D attention",
+                f"same weights ({source}), 2D attention", **kw)
     if ablations:
-        results["ablations"] = evaluate_ablations(run, cases, parts, encoders, steps, **kw)
+        results["ablations"] = evaluate_ablations(run, cases, parts, encoders, **kw)
     results["ordering"] = ordering_report(results)
     return results
 
 
-def evaluate_ablations(run: Run, cases: list[EvalCase], parts, encoders: dict, model_steps_: int | None,
-                       lpips_path=None, progress: bool = True) -> dict:
-    """Each ablation of ``ABLATION_VARIANTS`` (trained or from reference checkpoints), plus ``full_same_budget``
-    (the full model trained with the ablations' budget) when the run's model had another budget."""
+def evaluate_ablations(run: Run, cases: list[EvalCase], parts, encoders: dict, lpips_path=None,
+                       progress: bool = True) -> dict:
+    """Each ablation of ``ABLATION_VARIANTS`` (trained with ``profile.ablation_steps`` or from reference
+    checkpoints), plus ``full_same_budget`` (the full model with the ablations' budget) when the run's model was
+    trained with another budget, so the ablation table compares like with like."""
     from .spin import SpinParts
 
-    out = {}
-    names = list(ABLATION_VARIANTS)
-    if model_steps_ != ablation_steps(run):
-        names = ["full_same_budget"] + names
-    for name in names:
-        variant = FULL if name == "full_same_budget" else ABLATION_VARIANTS[name]
+    out: dict = {}
+    budgets = set()
+    main_steps = trained_steps(parts.model)
+
+    def one(name: str, variant: Variant) -> None:
         try:
             model, source = ensure_ablation(run, name, progress=progress)
         except AblationUnavailable as e:
             out[name] = unavailable(str(e))
-            continue
+            return
+        budgets.add(trained_steps(model))
         ab_parts = SpinParts(model.eval(), parts.codec, parts.encoder, parts.profile, source)
-        out[name] = evaluate_method(cases, model_method(ab_parts, variant, run.seed), encoders, name, source,
-                                    lpips_path=lpips_path, progress=progress)
-        del model, ab_parts
+        out[name] = evaluate_method(cases, model_method(ab_parts, variant, run.seed), encoders, name,
+                                    describe_source(source, model), lpips_path=lpips_path, progress=progress)
+
+    for name, variant in ABLATION_VARIANTS.items():
+        one(name, variant)
+    if main_steps is None or budgets - {main_steps} or (not budgets and main_steps != ablation_steps(run)):
+        one("full_same_budget", FULL)
+        out = {"full_same_budget": out.pop("full_same_budget"), **out}
     return out
 
 

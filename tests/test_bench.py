@@ -1,0 +1,28 @@
+"""The benchmark script runs on CPU, marks GPU rows absent, and its numbers are consistent."""
+
+import torch
+
+from spinmeround_lite import bench
+
+
+def test_bench_rows_on_cpu_at_test_profile():
+    r = bench.run_bench("test", "cpu", rows=("peak", "train", "splat"))
+    assert r["matmul_peak"]["flops_per_s"] > 1e8
+    t = r["training"]
+    assert t["samples_per_s"] > 0 and t["flops_per_step"] > 0 and 0 < t["mfu"] < 1
+    assert r["splat"]["gsplat_s"] is None and "CUDA" in r["splat"]["gsplat_absent"]
+    assert "absent" in r["paper"]
+    table = bench.format_table(r)
+    assert "training MFU" in table and "absent" in table
+
+
+def test_attention_rows_fused_saves_memory():
+    rows = bench.attention_rows(torch.device("cpu"), views=(1, 2), latent_res=8, heads=2, head_dim=8)
+    assert [r["tokens"] for r in rows] == [64, 128]
+    assert all(r["memory_ratio"] > 1 for r in rows)
+    assert rows[1]["naive_bytes"] > 3 * rows[0]["naive_bytes"]   # the score matrix grows with tokens^2
+
+
+def test_spin_counts_unet_evaluations():
+    r = bench.spin_speed(bench.get_profile("test"), torch.device("cpu"), n_views=8)
+    assert r["denoiser_calls"] > 0 and r["view_evaluations"] >= r["denoiser_calls"]
