@@ -31,10 +31,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import metrics
 from .cameras import intrinsics, orbit_c2w
+from .checkpoints import CheckpointError
 from .runs import Run, read_json
 
 METRICS = ("l2", "ssim", "lpips", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg")
@@ -59,7 +61,8 @@ ABLATIONS = {
     "no_identity": {"use_identity": False},
     "no_normals": {"image_only": True},
 }
-ABLATION_LABELS = {"full_same_budget": "**full model, ablation budget**", "no_input_image": "w/o input image (identity only)", "no_identity": "w/o identity embedding",
+ABLATION_LABELS = {"full_same_budget": "**full model, ablation budget**",
+                   "no_input_image": "w/o input image (identity only)", "no_identity": "w/o identity embedding",
                    "no_normals": "w/o normal generation (image only)"}
 BASELINE_LABELS = {"copy_input": "input view copied to every angle", "mean_head": "mean training head",
                    "no_3d_attention": "model, 3D attention off (2D)"}
@@ -205,7 +208,7 @@ def render_truth(params, yaw: torch.Tensor, pitch: torch.Tensor, resolution: int
     out = render_views(params, c2w, K, resolution, resolution, device=device, chunk=chunk)
     return {"rgb": out["rgb"].float().cpu().permute(0, 3, 1, 2).clamp(0, 1).contiguous(),
             "alpha": out["alpha"].float().cpu()[:, None].contiguous(),
-            "normal": torch.nn.functional.normalize(out["normal"].float().cpu().permute(0, 3, 1, 2), dim=1).contiguous(),
+            "normal": F.normalize(out["normal"].float().cpu().permute(0, 3, 1, 2), dim=1).contiguous(),
             "c2w": c2w, "K": K}
 
 
@@ -271,7 +274,8 @@ def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name:
 
     Returns ``{metric: overall mean or None, f"{metric}_reason": why None (if so), "per_angle": {"yaw": [..],
     metric: [mean over identities per angle]}, "per_identity": {metric: [..]}, "novel_views": {metric: mean
-    over the angles other than the input's}, "source", "n_identities", "n_angles"}`` and, under ``"views"``, the generated views of the first ``keep_views`` cases (not for JSON).
+    over the angles other than the input's}, "source", "n_identities", "n_angles"}`` and, under ``"views"``,
+    the generated views of the first ``keep_views`` cases (not for JSON).
     """
     if not cases:
         raise ValueError("no evaluation cases: heldout_cases(run) builds them")
@@ -528,7 +532,9 @@ def ensure_ablation(run: Run, name: str, progress: bool = True) -> tuple[object,
     folder_name = f"ablation_{name}"
     ref = run.reference_dir(folder_name)
     if ref is not None:
-        return SpinModel.load(ref, run.profile, run.device), "reference"
+        model = SpinModel.load(ref, run.profile, run.device)
+        check_ablation_config(model, options, ref, name)
+        return model, "reference"
     folder = run.model_dir(folder_name)
     steps = ablation_steps(run)
     if not Run.is_complete(folder) or _logged_steps(folder) != steps:
@@ -539,7 +545,17 @@ def ensure_ablation(run: Run, name: str, progress: bool = True) -> tuple[object,
                 f"{options}) and reference/{run.profile.name}/{folder_name} is absent")
         from .train import train
         train(run, steps=steps, out=folder, progress=progress, grids=False, **options)
-    return SpinModel.load(folder, run.profile, run.device), "trained"
+    model = SpinModel.load(folder, run.profile, run.device)
+    check_ablation_config(model, options, folder, name)
+    return model, "trained"
+
+
+def check_ablation_config(model, options: dict, folder, name: str) -> None:
+    """The checkpoint's config must record the ablation's trainer options (a plain model is no ablation)."""
+    wrong = {k: model.config.get(k, "<not recorded>") for k, v in options.items() if model.config.get(k) != v}
+    if wrong:
+        raise CheckpointError(f"{folder} is not the '{name}' ablation: its config has {wrong}, the ablation needs "
+                              f"{options}; delete it to train it again")
 
 
 def _logged_steps(folder: Path) -> int | None:
@@ -587,8 +603,6 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
              "comparable across the two, only the layout and the orderings are. Identity similarity uses the "
              "course's conditioning encoder in the ArcFace column and its independent evaluation encoder in the "
              "VGGFace column.", ""]
-    if note:
-        lines += [note, ""]
     lines += ["### Novel views against the truth (paper Table 1 layout)", "", head]
     for name, row in PAPER_TABLE.items():
         lines.append(f"| {name} (paper) | published | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
@@ -617,6 +631,8 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
         lines += ["", "n/a:"]
         for why, where in reasons.items():
             lines.append(f"- {', '.join(where)}: {why}")
+    if note:
+        lines += ["", "### Does the full model win?", "", note]
     return "\n".join(lines) + "\n"
 
 
@@ -631,9 +647,10 @@ def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
     abl = results.get("ablations", {}) or {}
     rep: dict = {"baselines": {}, "ablations": {}}
     fails = []
+    same_budget = "full_same_budget" in abl
     for group, ref, ref_name in (("baselines", model, "the full model"),
                                  ("ablations", abl.get("full_same_budget", model),
-                                  "the full model (ablation budget)" if "full_same_budget" in abl else "the full model")):
+                                  "the full model (ablation budget)" if same_budget else "the full model")):
         for name, row in (results.get(group) or {}).items():
             if name == "full_same_budget":
                 continue
@@ -666,7 +683,7 @@ def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: 
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax, m in zip(axes.flat, names):
         for label, r, style in rows:
-            if not r or r.get("per_angle", {}).get(m) is None:
+            if not r or (r.get("per_angle") or {}).get(m) is None:
                 continue
             yaw = np.asarray(r["per_angle"]["yaw"])
             order = np.argsort(yaw)
@@ -776,7 +793,15 @@ def write_results(run: Run, results: dict, note: str = "") -> dict:
     """Write ``results_table.md`` and ``results.json`` (no views) to the run folder; return their paths."""
     from .runs import atomic_path, write_json
 
-    table = results_table(results, run.profile.name, note or results.get("ordering", {}).get("note", ""))
+    if not note:
+        model = results.get("model") or {}
+        note = results.get("ordering", {}).get("note", "")
+        if note and not results.get("ordering", {}).get("all_ok", True):
+            note += (f" The model here: {model.get('source', '?')} at the `{run.profile.name}` profile, "
+                     f"{results.get('protocol', {}).get('n_identities', '?')} identities x "
+                     f"{results.get('protocol', {}).get('n_angles', '?')} angles; a model trained this little (or "
+                     "measured on this few heads) is not expected to beat the baselines.")
+    table = results_table(results, run.profile.name, note)
     md = run.path("results_table.md")
     with atomic_path(md) as tmp:
         tmp.write_text(table)

@@ -372,8 +372,9 @@ class Head:
         if style in ("bob", "long"):                           # a curtain: the skull outline pulled down
             yb = c[1] - (0.13 if style == "bob" else p.hair_length)
             yc = torch.maximum(y, torch.full_like(y, c[1]))
-            curtain = sd_ellipsoid(x, yc, z, (0.0, c[1], c[2] - 0.01), (r[0] + v + 0.012, r[1], r[2] + v))
-            curtain = smax(curtain, yb - y, 0.02)               # ends at yb
+            taper = 1.0 - 0.12 * ((c[1] - y) / max(c[1] - yb, 1e-3)).clamp(0.0, 1.0)   # narrower towards the ends
+            curtain = sd_ellipsoid(x / taper, yc, z, (0.0, c[1], c[2] - 0.01), (r[0] + v + 0.012, r[1], r[2] + v))
+            curtain = smax(curtain, yb - y, 0.04)               # ends, rounded, at yb
             curtain = smax(curtain, z - (0.0 if style == "long" else 0.04), 0.03)  # behind the face
             hair = smin(hair, curtain, 0.02)
         elif style == "bun":
@@ -468,7 +469,6 @@ class Head:
         the line between the lips, hair streaks).
         """
         p = self.p
-        s = p.scale
         q = self.to_head(points)
         x, y, z = q.unbind(-1)
         ax = x.abs()

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .checkpoints import load_checkpoint, save_checkpoint
-from .runs import Run, read_json, write_json
+from .runs import Run, find_repo_root, read_json, write_json
 
 EMBED_DIM = 512
 ROLES = {"cond": "id_cond", "eval": "id_eval"}
@@ -252,7 +252,6 @@ def train_encoder(images: torch.Tensor, labels: torch.Tensor, config: EncoderCon
         bar.set_postfix(loss=f"{log['loss'][-1]:.3f}", acc=f"{log['acc'][-1]:.2f}")
     log["seconds"] = time.perf_counter() - t0
     enc.eval()
-    enc.class_centres = W.detach()
     return enc, log
 
 
@@ -283,13 +282,25 @@ def load_encoder(folder: str | os.PathLike, expected: dict | None = None,
     return enc.to(device).eval()
 
 
-def ensure_encoder(run: Run, role: str = "cond", progress: bool = True) -> LearnedEncoder:
+def weights_root() -> Path:
+    """Folder of external model files: ``$SMR_WEIGHTS``, else ``<checkout>/weights``."""
+    if os.environ.get("SMR_WEIGHTS"):
+        return Path(os.environ["SMR_WEIGHTS"])
+    root = find_repo_root(Path(__file__).parent) or find_repo_root()
+    return (root / "weights") if root else Path("weights")
+
+
+def ensure_encoder(run: Run, role: str = "cond", progress: bool = True) -> IdentityEncoder:
     """The ``role`` encoder of this run: trained into ``run.model_dir("id_cond" | "id_eval")`` if incomplete.
 
     Trains on the training split's near-frontal views (``dataset.ensure_dataset(run)`` builds the data first).
+    A profile whose ``extra`` says ``{"id_backend": "insightface"}`` gets the real ArcFace as its conditioning
+    encoder instead (model files under ``weights_root()``); the evaluation encoder is always a learned one.
     """
     from .dataset import HeadDataset, ensure_dataset
 
+    if role == "cond" and run.profile.extra.get("id_backend", "learned") == "insightface":
+        return InsightFaceEncoder.from_folder(weights_root())
     cfg = encoder_config(run.profile, role)
     folder = run.model_dir(ROLES[role])
 
@@ -529,7 +540,8 @@ class InsightFaceEncoder(IdentityEncoder):
         rec = next((p for p in (root / "arc2face" / "arcface.onnx",
                                 root / "insightface" / "antelopev2" / "glintr100.onnx") if p.exists()), None)
         if rec is None:
-            raise FileNotFoundError(f"no ArcFace recognition model under {root}.\n" + INSIGHTFACE_HELP.format(root=root))
+            raise FileNotFoundError(f"no ArcFace recognition model under {root}.\n"
+                                    + INSIGHTFACE_HELP.format(root=root))
         det = root / "insightface" / "antelopev2" / "scrfd_10g_bnkps.onnx"
         return cls(rec, det if det.exists() else None)
 

@@ -29,7 +29,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError
@@ -94,9 +93,10 @@ def load_vae(path: str | os.PathLike, subfolder: str | None = None):
     root = resolve_local_folder(path, what="autoencoder (AutoencoderKL)",
                                 hint="or set vae_pretrained='' in the profile to train a small one")
     if subfolder is None:
-        subfolder = "" if (root / "config.json").exists() else ("vae" if (root / "vae" / "config.json").exists() else None)
+        subfolder = next((s for s in ("", "vae") if (root / s / "config.json").exists()), None)
         if subfolder is None:
-            raise FileNotFoundError(f"{root} holds no config.json (nor vae/config.json): not a diffusers AutoencoderKL folder")
+            raise FileNotFoundError(f"{root} holds no config.json (nor vae/config.json): "
+                                    "it is not a diffusers AutoencoderKL folder")
     try:
         return AutoencoderKL.from_pretrained(str(root), subfolder=subfolder or None, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -141,7 +141,7 @@ class LatentCodec:
         lead, x = img.shape[:-3], img.reshape(-1, *img.shape[-3:])
         out = [self.vae.encode(c.to(self.device, torch.float32) * 2 - 1).latent_dist.mean * self.scale
                for c in x.split(self.batch)]
-        z = torch.cat(out) if out else x.new_zeros(0, self.channels, x.shape[-2] // self.factor, x.shape[-1] // self.factor)
+        z = torch.cat(out) if out else x.new_zeros(0, self.channels, *(s // self.factor for s in x.shape[-2:]))
         return z.reshape(*lead, *z.shape[1:])
 
     @torch.no_grad()
@@ -231,7 +231,8 @@ def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 1e-3, kl
     vae.to(device).train().requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    cosine = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     history = []
     bar = tqdm(range(steps), desc="training the autoencoder", disable=not progress)
     for step in bar:

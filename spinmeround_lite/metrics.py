@@ -65,7 +65,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5,
     return m.flatten(1).mean(1)
 
 
-def normal_angle_error_deg(n_pred: torch.Tensor, n_true: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def normal_angle_error_deg(n_pred: torch.Tensor, n_true: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean angle in degrees between normal maps (N,3,H,W) (unit or not), over ``mask`` (N,1,H,W) pixels. -> (N,)."""
     n_pred, n_true = _batch(n_pred).float(), _batch(n_true).float()
     cos = (F.normalize(n_pred, dim=1) * F.normalize(n_true, dim=1)).sum(1, keepdim=True).clamp(-1, 1)
@@ -198,7 +199,7 @@ def _lpips_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def lpips_available(path: str | os.PathLike | None = None) -> tuple[bool, str]:
-    """``(True, where)`` when LPIPS weights load from ``path`` (see ``lpips_weights_path``), else ``(False, reason)``."""
+    """``(True, where)`` when LPIPS weights load from ``path`` (``lpips_weights_path``), else ``(False, reason)``."""
     p = lpips_weights_path(path)
     if not _lpips_files(p):
         return False, (f"no LPIPS weights at {p}: LPIPS needs pretrained AlexNet + LPIPS linear-layer weights, which "

@@ -351,7 +351,8 @@ def widen_from_2d(unet2d, in_channels: int = IN_CHANNELS, out_channels: int = OU
         unet2d = load_unet2d(unet2d)
     old_in, old_out = unet2d.config.in_channels, unet2d.config.out_channels
     if in_channels < old_in or out_channels < old_out:
-        raise ValueError(f"cannot narrow a UNet ({old_in} -> {in_channels} inputs, {old_out} -> {out_channels} outputs)")
+        raise ValueError(f"cannot narrow a UNet ({old_in} -> {in_channels} inputs, "
+                         f"{old_out} -> {out_channels} outputs)")
     if out_init not in ("copy", "zero"):
         raise ValueError(f"out_init must be 'copy' or 'zero', not {out_init!r}")
     config = {k: v for k, v in dict(unet2d.config).items() if not k.startswith("_")}

@@ -97,7 +97,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "test": Profile(
         name="test", resolution=32, identities=10, heldout_identities=3, views_per_identity=16,
-        id_input_res=32, id_width=8, id_eval_width=12, id_train_steps=40, id_batch=32,
+        id_input_res=16, id_width=8, id_eval_width=12, id_train_steps=40, id_batch=32,
         text_hidden=32, text_layers=1, text_heads=2,
         vae_channels=(16, 32, 32), vae_steps=30, vae_batch=8,
         unet_channels=(16, 32), unet_head_dim=8,
@@ -116,7 +116,7 @@ PROFILES: dict[str, Profile] = {
         use_reference=True,
         sample_steps=20, spin_views=48,
         splat_iters=500, splat_init_gaussians=4000, splat_res=64,
-        eval_identities=8, eval_angles=16, ablation_steps=150,
+        eval_identities=4, eval_angles=16, ablation_steps=40,
     ),
     "gpu": Profile(
         name="gpu", resolution=128, identities=600, heldout_identities=40, views_per_identity=125,

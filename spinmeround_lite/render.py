@@ -20,6 +20,7 @@ A scene is anything with ``sdf(points (N,3)) -> (N,)`` and ``albedo(points (N,3)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -64,7 +65,8 @@ def as_scene(obj):
 # tracing
 # ----------------------------------------------------------------------------------------------
 def ray_sphere(o: torch.Tensor, d: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entry and exit ``t`` of unit rays ``o, d`` (N,3) with the sphere of ``radius`` at the origin; mask of rays that meet it."""
+    """Entry and exit ``t`` (N,) of unit rays ``o, d`` (N,3) with the sphere of ``radius`` at the origin, and the
+    mask (N,) of rays that meet it."""
     b = (o * d).sum(-1)
     c = (o * o).sum(-1) - radius * radius
     disc = b * b - c
@@ -159,18 +161,41 @@ def shade(albedo: torch.Tensor, n_cam: torch.Tensor, d_cam: torch.Tensor, ao: to
 # ----------------------------------------------------------------------------------------------
 # views
 # ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run torch CPU ops with ``n`` threads inside the block (None: leave as is).
+
+    Tracing is a long chain of small element-wise ops; on a CPU shared with other processes, extra threads spend
+    more time waiting for each other than computing, so the renderer uses one CPU thread unless told otherwise.
+    """
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @torch.no_grad()
 def render_views(params, c2w: torch.Tensor, K: torch.Tensor, height: int, width: int, device=None,
-                 chunk: int = 65536, max_steps: int = 64, ao: bool = True, hit_frac: float = 0.2) -> dict[str, torch.Tensor]:
+                 chunk: int = 65536, max_steps: int = 64, ao: bool = True, hit_frac: float = 0.2,
+                 threads: int | None = 1) -> dict[str, torch.Tensor]:
     """Render a scene (``HeadParams``, parameter vector, or scene object) from ``V`` cameras.
 
     c2w (V,4,4) or (4,4), K (3,3) or (V,3,3) in pixels. Returns tensors on ``device`` (default: ``c2w``'s):
     ``rgb`` (V,H,W,3) composited on white, ``alpha`` (V,H,W) in [0,1], ``normal`` (V,H,W,3) camera-space OpenCV
     unit normals (0 on background), ``depth`` (V,H,W) distance ``t`` along the unit ray (inf on background),
-    ``points`` (V,H,W,3) world points hit (0 on background).
+    ``points`` (V,H,W,3) world points hit (0 on background). ``chunk``: rays traced at once (memory);
+    ``max_steps``: marching steps per ray; ``hit_frac``: a hit is ``f`` below this fraction of a pixel's width;
+    ``threads``: CPU threads while rendering (see ``cpu_threads``; None keeps torch's setting).
     """
-    scene = as_scene(params)
     device = torch.device(device) if device is not None else c2w.device
+    with cpu_threads(threads if device.type == "cpu" else None):
+        return _render_views(as_scene(params), c2w, K, height, width, device, chunk, max_steps, ao, hit_frac)
+
+
+def _render_views(scene, c2w, K, height, width, device, chunk, max_steps, ao, hit_frac):
     c2w = c2w.to(device, torch.float32)
     if c2w.ndim == 2:
         c2w = c2w[None]

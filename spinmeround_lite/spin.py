@@ -38,7 +38,6 @@ centred head (a non-square one is padded with white).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os

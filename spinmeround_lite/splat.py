@@ -818,12 +818,12 @@ def fit_gaussians(images: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, alph
         if step % 10 == 0 or step == iters - 1:
             p = float(psnr(img.detach().permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2)).mean())
             history["step"].append(step)
-            history["loss"].append(float(loss))
+            history["loss"].append(loss.item())
             history["psnr"].append(p)
             history["gaussians"].append(params["means"].shape[0])
-            bar.set_postfix(loss=f"{float(loss):.4f}", psnr=f"{p:.1f}", n=params["means"].shape[0])
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}", n=params["means"].shape[0])
             if callback is not None:
-                callback(step, dict(loss=float(loss), psnr=p, gaussians=params["means"].shape[0]))
+                callback(step, dict(loss=loss.item(), psnr=p, gaussians=params["means"].shape[0]))
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         scene = GaussianScene(params["means"].detach().clone(), F.normalize(params["quats"].detach(), dim=-1),

@@ -1,6 +1,7 @@
 """The evaluation protocol: held-out identities only, true views, baselines, scoring, the table."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,9 +237,53 @@ def test_plot_per_angle_draws_every_method():
     import matplotlib
     matplotlib.use("Agg")
     per = {"yaw": [0.0, 90.0, 180.0, -90.0], "l2": [0.0, 0.1, 0.2, 0.1], "ssim": [1.0, 0.5, 0.4, 0.5]}
-    res = {"model": dict(_row(0.1, 0.6), per_angle=per), "baselines": {"copy_input": dict(_row(0.2, 0.5), per_angle=per)}}
+    res = {"model": dict(_row(0.1, 0.6), per_angle=per),
+           "baselines": {"copy_input": dict(_row(0.2, 0.5), per_angle=per)}}
     fig = E.plot_per_angle(res, ["l2", "ssim", "lpips"])
     axes = fig.axes
     assert len(axes[0].lines) == 2 and len(axes[1].lines) == 2 and len(axes[2].lines) == 0
     xs = axes[0].lines[0].get_xdata()
     assert list(xs) == sorted(xs) and not math.isnan(float(np.sum(xs)))
+
+
+# ------------------------------------------------------------------------------ ablations
+def test_ablation_needs_trainer_options_and_passes_them(parts, tmp_path, monkeypatch):
+    import spinmeround_lite.train as T
+
+    run = Run("test", tmp_path / "run", device="cpu")
+
+    def train_without_options(run, steps=None, out=None, resume=True, progress=True, stop_after=None, grids=True):
+        raise AssertionError("must not be called without the ablation's options")
+
+    monkeypatch.setattr(T, "train", train_without_options)
+    with pytest.raises(E.AblationUnavailable, match="use_identity"):
+        E.ensure_ablation(run, "no_identity", progress=False)
+    assert E.unavailable("why")["l2"] is None and E.unavailable("why")["l2_reason"] == "why"
+
+    calls = []
+
+    def train_with_options(run, steps=None, out=None, progress=True, grids=True, **options):
+        calls.append(dict(steps=steps, out=str(out), **options))
+        parts.model.save(out, info={"step": steps, **options})
+        write_json(Path(out) / "log.json", {"steps": steps})
+        Run.mark_complete(out)
+
+    monkeypatch.setattr(T, "train", train_with_options)
+    model, source = E.ensure_ablation(run, "no_normals", progress=False)
+    assert calls == [{"steps": run.profile.ablation_steps, "out": str(run.model_dir("ablation_no_normals")),
+                      "image_only": True}]
+    assert source == "trained" and E.trained_steps(model) == run.profile.ablation_steps
+    E.ensure_ablation(run, "no_normals", progress=False)          # complete: not trained again
+    assert len(calls) == 1
+
+
+def test_a_plain_model_is_not_taken_for_an_ablation(parts, tmp_path):
+    from spinmeround_lite.checkpoints import CheckpointError
+
+    run = Run("test", tmp_path / "run", device="cpu")
+    folder = run.model_dir("ablation_no_identity")
+    parts.model.save(folder, info={"step": run.profile.ablation_steps})       # no use_identity recorded
+    write_json(folder / "log.json", {"steps": run.profile.ablation_steps})
+    Run.mark_complete(folder)
+    with pytest.raises(CheckpointError, match="use_identity"):
+        E.ensure_ablation(run, "no_identity", progress=False)

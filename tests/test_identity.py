@@ -235,3 +235,37 @@ def test_learned_encoder_verifies_heldout_identities():
     # training pulls identities apart: the same/different gap on unseen identities widens clearly
     gap, gap0 = v["same_id_cos"] - v["diff_id_cos"], v0["same_id_cos"] - v0["diff_id_cos"]
     assert gap > gap0 + 0.15, (v, v0)
+
+
+def test_ensure_encoder_trains_once_then_reuses(tmp_path):
+    from spinmeround_lite import cameras
+    from spinmeround_lite.dataset import write_external
+    from spinmeround_lite.profiles import get_profile
+    from spinmeround_lite.runs import Run
+
+    prof = get_profile("test").replace(resolution=16, id_input_res=16, id_train_steps=3, id_batch=8)
+    run = Run(prof, tmp_path / "run", device="cpu")
+    yaw, pitch = cameras.rig_angles(8)
+    rng = np.random.default_rng(0)
+    ids = {}
+    for k in range(4):                                         # flat-coloured "heads" are enough to train on
+        rgb = np.broadcast_to(rng.integers(0, 255, 3, dtype=np.uint8), (8, 16, 16, 3)).copy()
+        ids[f"p{k}"] = {"rgb": rgb, "alpha": np.full((8, 16, 16), 255, np.uint8), "normal": rgb,
+                        "c2w": cameras.orbit_c2w(yaw, pitch).numpy(), "K": cameras.intrinsics(16).numpy(),
+                        "yaw": yaw.numpy(), "pitch": pitch.numpy()}
+    write_external(run.data_dir, ids, heldout=["p3"])
+    run.mark_complete(run.data_dir)
+    enc = I.ensure_encoder(run, "cond", progress=False)
+    folder = run.model_dir("id_cond")
+    assert {"model.safetensors", "config.json", "train_log.json", "COMPLETE"} <= {p.name for p in folder.iterdir()}
+    assert len(I.training_log(run, "cond")["loss"]) == 3 and enc.config.classes == 3
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again = I.ensure_encoder(run, "cond", progress=False)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(again.embed(x), enc.embed(x))
+    ev = I.ensure_encoder(run, "eval", progress=False)
+    assert (ev.config.width, ev.config.seed) == (prof.id_eval_width, 2) != (enc.config.width, enc.config.seed)
+    other = Run(prof.replace(id_width=4), run.root, device="cpu")
+    with pytest.raises(CheckpointError, match="width"):
+        I.ensure_encoder(other, "cond", progress=False)

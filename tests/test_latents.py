@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from spinmeround_lite.dataset import HeadDataset, write_external
-from spinmeround_lite.latents import (LatentCache, LatentCodec, background_colours, build_vae, composite,
-                                      ensure_latent_cache, ensure_vae, load_vae, measure_scale)
+from spinmeround_lite.latents import (
+    LatentCache,
+    LatentCodec,
+    background_colours,
+    build_vae,
+    composite,
+    ensure_latent_cache,
+    ensure_vae,
+    load_vae,
+    measure_scale,
+)
 from spinmeround_lite.profiles import get_profile
 from spinmeround_lite.runs import Run
 

@@ -104,7 +104,8 @@ def test_roc_auc_matches_brute_force_pair_count():
     scores = torch.randint(0, 6, (40,), generator=g).float()          # many ties
     labels = torch.rand(40, generator=g) > 0.6
     pos, neg = scores[labels].tolist(), scores[~labels].tolist()
-    brute = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg)) / (len(pos) * len(neg))
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
+    brute = wins / (len(pos) * len(neg))
     assert metrics.roc_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
     assert metrics.roc_auc(torch.tensor([2.0, 1.0]), torch.tensor([True, False])) == 1.0
     assert math.isnan(metrics.roc_auc(torch.ones(3), torch.ones(3, dtype=torch.bool)))
@@ -141,7 +142,8 @@ def _random_lpips_weights(path, layout="lpips"):
         pre = f"net.slice{slices[i]}.{i}" if layout == "lpips" else f"features.{i}"
         state[f"{pre}.weight"], state[f"{pre}.bias"] = w, b
     for j, c in enumerate((64, 192, 384, 256, 256)):
-        state[f"lins.{j}.model.1.weight" if layout == "lpips" else f"lin{j}.weight"] = torch.rand(1, c, 1, 1, generator=g)
+        key = f"lins.{j}.model.1.weight" if layout == "lpips" else f"lin{j}.weight"
+        state[key] = torch.rand(1, c, 1, 1, generator=g)
     save_file(state, str(path))
     return state
 

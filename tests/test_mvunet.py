@@ -7,9 +7,21 @@ import warnings
 import pytest
 import torch
 
-from spinmeround_lite.mvunet import (IN_CHANNELS, OUT_CHANNELS, MultiViewUNet, attention, build_mvunet, copy_as_2d,
-                                     fold_views, level_of, level_table, load_unet2d, resolve_levels_3d, unet_config,
-                                     unfold_views)
+from spinmeround_lite.mvunet import (
+    IN_CHANNELS,
+    OUT_CHANNELS,
+    MultiViewUNet,
+    attention,
+    build_mvunet,
+    copy_as_2d,
+    fold_views,
+    level_of,
+    level_table,
+    load_unet2d,
+    resolve_levels_3d,
+    unet_config,
+    unfold_views,
+)
 from spinmeround_lite.profiles import get_profile
 
 P = get_profile("test")          # channels (16, 32), 8x8 latents, 32-d context

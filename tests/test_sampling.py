@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from spinmeround_lite import sampling
-from spinmeround_lite.sampling import (ReconstructionGuidance, Replacement, generators, karras_sigmas, sample,
-                                       stable_inpaint_step)
+from spinmeround_lite.sampling import (
+    ReconstructionGuidance,
+    Replacement,
+    generators,
+    karras_sigmas,
+    sample,
+    stable_inpaint_step,
+)
 
 MU, S = 1.5, 0.5
 SIGMA_MAX = 80.0

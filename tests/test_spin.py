@@ -17,9 +17,23 @@ from PIL import Image
 from spinmeround_lite import cameras
 from spinmeround_lite.profiles import get_profile
 from spinmeround_lite.runs import Run
-from spinmeround_lite.spin import (AlignmentError, ImageError, SpinParts, SpinResult, align_with_keypoints,
-                                   ensure_spin, face_template, intermediates, load_image, looks_like_render,
-                                   plan_rounds, prepare_input, spin, spin_yaws, triplet_anchors)
+from spinmeround_lite.spin import (
+    AlignmentError,
+    ImageError,
+    SpinParts,
+    SpinResult,
+    align_with_keypoints,
+    ensure_spin,
+    face_template,
+    intermediates,
+    load_image,
+    looks_like_render,
+    plan_rounds,
+    prepare_input,
+    spin,
+    spin_yaws,
+    triplet_anchors,
+)
 
 spin_module = importlib.import_module("spinmeround_lite.spin")
 P = get_profile("test")

@@ -32,12 +32,13 @@ def test_shipped_tokenizer_vocabulary_and_prompt_tokens(ctx):
 
 def test_vocab_tool_is_deterministic(tmp_path):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("make_clip_vocab", T.ASSETS.parents[1] / "tools" / "make_clip_vocab.py")
+    tool = T.ASSETS.parents[1] / "tools" / "make_clip_vocab.py"
+    spec = importlib.util.spec_from_file_location("make_clip_vocab", tool)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(["--out", str(tmp_path)])
-    assert (tmp_path / "clip_vocab.json").read_text(encoding="utf-8") == (T.ASSETS / "clip_vocab.json").read_text(encoding="utf-8")
-    assert (tmp_path / "clip_merges.txt").read_text(encoding="utf-8") == (T.ASSETS / "clip_merges.txt").read_text(encoding="utf-8")
+    for name in ("clip_vocab.json", "clip_merges.txt"):
+        assert (tmp_path / name).read_text(encoding="utf-8") == (T.ASSETS / name).read_text(encoding="utf-8")
 
 
 def test_id_position_receives_exactly_the_injected_embedding(ctx):

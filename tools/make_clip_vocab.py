@@ -33,7 +33,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def bytes_to_unicode() -> dict[int, str]:
     """The byte-level alphabet: printable Latin-1 bytes stand for themselves, the rest map to 256 + n."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     out = {b: chr(b) for b in keep}              # CLIP's order: the printable bytes first, then the others
     for n, b in enumerate(b for b in range(256) if b not in out):
         out[b] = chr(256 + n)
