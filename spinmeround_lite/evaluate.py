@@ -692,8 +692,11 @@ def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: 
         ax.set_xlabel("yaw (deg): 0 front, ±180 back")
         if not ax.lines:
             why = (results.get("model") or {}).get(f"{m}_reason") or "not measured"
-            ax.text(0.5, 0.5, "n/a\n" + why[:80], ha="center", va="center", transform=ax.transAxes, fontsize=8,
-                    wrap=True)
+            import textwrap
+            ax.text(0.5, 0.5, "n/a\n" + "\n".join(textwrap.wrap(why, 38)[:5]), ha="center", va="center",
+                    transform=ax.transAxes, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     handles, labels = next(((a.get_legend_handles_labels()) for a in axes.flat if a.lines), ([], []))

@@ -83,6 +83,7 @@ def test_raymap_rays_hit_the_rendered_points():
     o, d = R.decode_rays(R.raymap(c2w, K, image_res=64, latent_res=lat))
     p = o + out["depth"][..., None].nan_to_num(posinf=0.0) * d
     torch.testing.assert_close(p[hit], out["points"][hit], atol=1e-5, rtol=0)
-    # and those points lie on the head's surface (the depth is the distance along the unit ray)
+    # and those points lie on the head's surface (the depth is the distance along the unit ray), within the
+    # renderer's tolerance of half a pixel footprint
     sdf = heads.Head(heads.sample_identity(3)).sdf(p[hit])
-    assert sdf.abs().max() < 5e-3
+    assert (sdf.abs() < 0.5 * out["depth"][hit] / Kl[0, 0]).all()

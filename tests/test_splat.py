@@ -138,7 +138,8 @@ def test_gradcheck_torch_renderer_float64():
 
     img, alpha = f(*inputs)
     assert alpha.max() > 0.3 and alpha.min() < alpha.max()
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    # fast mode checks random projections of the Jacobian (a few backward passes instead of one per pixel)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
 def test_fit_known_gaussians_reaches_30db_on_training_views():
@@ -151,11 +152,11 @@ def test_fit_known_gaussians_reaches_30db_on_training_views():
     c2w = C.orbit_c2w(yaw, pitch)
     K = C.intrinsics(res)
     images, alphas = truth.render_c2w(c2w, K, res, res, backend="torch")
-    fit = S.fit_gaussians(images, c2w, K, alphas=alphas, iters=300, n_init=300, backend="torch", device="cpu",
+    fit = S.fit_gaussians(images, c2w, K, alphas=alphas, iters=150, n_init=200, backend="torch", device="cpu",
                           progress=False)
     renders, _ = fit.render_c2w(c2w, K, res, res, backend="torch")
     p = psnr(renders.permute(0, 3, 1, 2), images.permute(0, 3, 1, 2))
-    assert p.mean() >= 30.0, p
+    assert p.mean() >= 30.0 and p.min() >= 28.0, p
     assert fit.info["history"]["psnr"][0] < 25          # it started far from the views
 
 
