@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -53,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import edm
-from .checkpoints import CheckpointError, check_config, load_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .model import SpinModel, model_config
 from .profiles import Profile
 from .raymaps import raymap
@@ -127,16 +126,25 @@ class TrainData:
 
     ``batch(step, micro, rank, stage, batch_size)`` -> dict with
     ``x0`` (B,P,8,h,w) clean latents [image 4 | normal 4]; ``mask`` (B,P) bool, True = conditioning view;
-    ``rays`` (B,P,144,h,w); ``id_emb`` (B,512); ``drop`` (B,) bool (CFG dropout); ``bg`` (B,) bool (random
-    background); ``sigma`` (B,); ``noise`` (B,P,8,h,w); ``identity`` list of names; ``views`` (B,P) indices.
+    ``rays`` (B,P,144,h,w); ``id_emb`` (B,512); ``drop`` (B,) bool (CFG dropout: empty prompt and zero
+    conditioning latents); ``drop_id`` (B,) bool (empty prompt: ``drop``, or always without identity);
+    ``bg`` (B,) bool (random background); ``sigma`` (B,); ``noise`` (B,P,8,h,w); ``channels`` (latent channels
+    the loss counts: 8, or 4 for ``image_only``); ``identity`` list of names; ``views`` (B,P) indices.
+
+    Recipe options, the paper's ablations (recorded in the model's config): ``cond_views`` a fixed number of
+    conditioning views instead of the two stages (0 = "without input image"); ``use_identity=False`` always the
+    empty prompt ("without identity embedding"); ``image_only=True`` normal latents zeroed and left out of the
+    loss ("without normal generation").
     """
 
-    def __init__(self, run: Run, progress: bool = True):
+    def __init__(self, run: Run, progress: bool = True, cond_views: int | None = None, use_identity: bool = True,
+                 image_only: bool = False):
         from .dataset import HeadDataset, ensure_dataset
         from .identity import ensure_encoder
         from .latents import ensure_latent_cache
 
         self.run, self.profile = run, run.profile
+        self.cond_views, self.use_identity, self.image_only = cond_views, bool(use_identity), bool(image_only)
         root = ensure_dataset(run)
         self.train = HeadDataset(root, split="train", cache=False)      # training reads the latent cache;
         self.heldout = HeadDataset(root, split="heldout", cache=False)  # renders only once, for cameras
@@ -193,7 +201,9 @@ class TrainData:
         for _ in range(B):
             i = int(torch.randint(len(ds), (1,), generator=g))
             idx = torch.randperm(ds.views_per_identity, generator=g)[:P].tolist()
-            if stage == 1:
+            if self.cond_views is not None:
+                n_cond = int(self.cond_views)
+            elif stage == 1:
                 n_cond = 1
             else:
                 n_cond = STAGE2_CONDS[int(torch.randint(len(STAGE2_CONDS), (1,), generator=g))]
@@ -212,9 +222,17 @@ class TrainData:
         x0 = torch.stack(x0)
         sigma = edm.sample_training_sigma(B, n_targets=n_targets_for_shift(self.profile), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        if self.image_only:
+            x0[:, :, 4:] = 0.0
+        drop = torch.tensor(drop)
         return dict(x0=x0, mask=torch.stack(mask), rays=torch.stack(rays), id_emb=torch.stack(emb),
-                    drop=torch.tensor(drop), bg=torch.tensor(bg), sigma=sigma, noise=noise,
-                    identity=names, views=torch.tensor(views), stage=stage)
+                    drop=drop, drop_id=drop | (not self.use_identity), bg=torch.tensor(bg), sigma=sigma,
+                    noise=noise, channels=4 if self.image_only else 8, identity=names, views=torch.tensor(views),
+                    stage=stage)
+
+    def options(self) -> dict:
+        """The recipe options, as recorded in the model's config."""
+        return {"cond_views": self.cond_views, "use_identity": self.use_identity, "image_only": self.image_only}
 
 
 def encoder_device(module) -> torch.device:
@@ -228,16 +246,19 @@ def training_loss(model, batch: dict, device: torch.device | str = "cpu") -> tor
     """EDM loss of one batch: noise the targets, condition on clean views, weigh, average over targets.
 
     ``x = x0 + sigma n``; conditioning latents are ``x0`` (zeros where the sample is dropped for CFG);
-    ``D = model(x, sigma, cond, mask, rays, id_emb, drop_id=drop)``; loss = ``edm_loss(D, x0, sigma, ~mask)``.
+    ``D = model(x, sigma, cond, mask, rays, id_emb, drop_id=drop_id)``; loss = ``edm_loss(D, x0, sigma, ~mask)``
+    on the first ``batch["channels"]`` latent channels (all 8 unless the image-only ablation).
     """
     x0 = batch["x0"].to(device)
     sigma = batch["sigma"].to(device)
     mask = batch["mask"].to(device)
     drop = batch["drop"].to(device)
+    drop_id = batch.get("drop_id", batch["drop"]).to(device)
     x = x0 + sigma.view(-1, 1, 1, 1, 1) * batch["noise"].to(device)              # noisy targets
     cond = torch.where(drop.view(-1, 1, 1, 1, 1), torch.zeros_like(x0), x0)        # CFG: zero images
-    D = model(x, sigma, cond, mask, batch["rays"].to(device), batch["id_emb"].to(device), drop_id=drop)
-    return edm.edm_loss(D, x0, sigma, ~mask)
+    D = model(x, sigma, cond, mask, batch["rays"].to(device), batch["id_emb"].to(device), drop_id=drop_id)
+    c = int(batch.get("channels", x0.shape[2]))
+    return edm.edm_loss(D[:, :, :c], x0[:, :, :c], sigma, ~mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,9 +350,13 @@ def save_training_checkpoint(out: Path, step: int, model: SpinModel, ema: EMA, o
     return final
 
 
-def load_training_checkpoint(folder: Path, model: SpinModel, ema: EMA, opt, profile: Profile) -> dict:
-    """Restore weights, EMA, optimizer and RNG states from ``folder``; returns its ``trainer_state``."""
+def load_training_checkpoint(folder: Path, model: SpinModel, ema: EMA, opt, profile: Profile,
+                             options: dict | None = None) -> dict:
+    """Restore weights, EMA, optimizer and RNG states from ``folder``; returns its ``trainer_state``.
+
+    The checkpoint must match ``profile``'s model and the recipe ``options`` (else ``CheckpointError``)."""
     expected = {k: v for k, v in model_config(profile).items() if k not in ("sigma_data", "prediction")}
+    expected.update(options or {})
     state, _ = load_checkpoint(folder, expected, name="model.safetensors")
     model.load_state_dict(state)
     ema_state, _ = load_checkpoint(folder, name="ema.safetensors")
@@ -442,8 +467,9 @@ class GridMaker:
         x0 = sampling.sample(denoise, cond.shape, sigmas, sampling.generators(seed, cond.shape[0]),
                              solver="euler", cond=cond, mask=mask, device=device)
         B, V = x0.shape[:2]
-        img = self.codec.decode(x0[:, :, :4].flatten(0, 1).to(self.codec.device)).cpu().view(B, V, 3, *self.truth[0].shape[-2:])
-        nrm = self.codec.decode(x0[:, :, 4:].flatten(0, 1).to(self.codec.device)).cpu().view_as(img)
+        H, W = self.truth[0].shape[-2:]
+        img = self.codec.decode(x0[:, :, :4].flatten(0, 1).to(self.codec.device)).cpu().view(B, V, 3, H, W)
+        nrm = self.codec.decode(x0[:, :, 4:].flatten(0, 1).to(self.codec.device)).cpu().view(B, V, 3, H, W)
         rows = []
         for b in range(B):
             rows += [self.truth[b], img[b], nrm[b]]
@@ -483,7 +509,8 @@ def final_loss_of(losses: list[float]) -> float:
 
 
 def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = None, resume: bool = True,
-          progress: bool = True, stop_after: int | None = None, grids: bool = True) -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, grids: bool = True, cond_views: int | None = None,
+          use_identity: bool = True, image_only: bool = False) -> TrainResult:
     """Train a ``SpinModel`` for ``steps`` optimizer steps (``profile.train_steps``) into ``out``.
 
     ``out`` defaults to ``run.model_dir("spin")``; it receives ``checkpoints/``, ``samples/step_*.png``,
@@ -491,6 +518,8 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
     (``model.safetensors`` + ``config.json`` + ``COMPLETE``). ``resume``: continue from the newest checkpoint in
     ``out`` (a finished run is returned as it is); ``False`` deletes ``out`` first and trains from scratch.
     ``stop_after``: stop after that many steps of this call as if the process were killed (tests).
+    ``grids=False`` skips the sample grids. ``cond_views``, ``use_identity``, ``image_only``: the paper's ablations
+    (``TrainData``), recorded in the saved config; a checkpoint made with other options is not resumed.
     Runs under ``accelerate launch`` as well: each process draws its own batches, gradients are averaged.
     Sizes come from ``run.profile``: ``batch_size`` per process, ``grad_accum``, ``lr``, ``ema_decay``,
     ``checkpoint_every``, ``sample_every`` (0 = no grids), ``mixed_precision``.
@@ -517,16 +546,19 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
     accelerator.wait_for_everyone()
 
     with accelerator.main_process_first():                # the main process builds missing artifacts first
-        data = TrainData(run, progress=progress and main)
+        data = TrainData(run, progress=progress and main, cond_views=cond_views, use_identity=use_identity,
+                         image_only=image_only)
+    options = data.options()
     torch.manual_seed(run.seed)                           # the initial weights depend on the seed only
     model = SpinModel.from_profile(p)
+    model.config.update(options)                          # the recipe options travel with every checkpoint
     ema = EMA(model, p.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.999), weight_decay=0.0)
 
-    start, losses, grids_done, train_seconds_before = 0, [], [], 0.0
+    start, losses, grids_done = 0, [], []
     ckpts = checkpoint_dirs(out) if resume else []
     if ckpts:
-        ts = load_training_checkpoint(ckpts[-1], model, ema, opt, p)
+        ts = load_training_checkpoint(ckpts[-1], model, ema, opt, p, options)
         start, losses = int(ts["step"]), list(ts.get("losses", []))
         grids_done = [tuple(g) for g in ts.get("grids", [])]
         if ts.get("total_steps") not in (None, total) and main:
@@ -601,7 +633,7 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
     if main and finished:
         plot_loss(losses, out / "loss.png")
         raw.save(out, {k: v.to("cpu") for k, v in ema.state.items()},
-                 info={"weights": "ema", "step": len(losses), "profile": p.name})
+                 info={"weights": "ema", "step": len(losses), "profile": p.name, **options})
         log = asdict(result)
         write_json(out / "log.json", dict(log, steps=total))
         Run.mark_complete(out, {"step": len(losses), "final_loss": result.final_loss})
@@ -665,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of data order and noise")
     ap.add_argument("--no-resume", action="store_true", help="delete --out and train from scratch")
     ap.add_argument("--stop-after", type=int, default=None, help="stop after N steps as if killed (for tests)")
+    ap.add_argument("--cond-views", type=int, default=None, help="ablation: always this many conditioning views")
+    ap.add_argument("--no-identity", action="store_true", help="ablation: never give the identity (empty prompt)")
+    ap.add_argument("--image-only", action="store_true", help="ablation: no normal latents (image channels only)")
     ap.add_argument("--device", default="", help="cpu or cuda (default: CUDA when present)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -678,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     if over:
         run.profile = run.profile.replace(**over)
     result = train(run, steps=args.steps, out=args.out or None, resume=not args.no_resume,
-                   progress=not args.quiet, stop_after=args.stop_after)
+                   progress=not args.quiet, stop_after=args.stop_after, cond_views=args.cond_views,
+                   use_identity=not args.no_identity, image_only=args.image_only)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in asdict(result).items() if k != "losses"}, indent=1))
     return 0

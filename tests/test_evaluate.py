@@ -160,6 +160,15 @@ def test_mean_head_baseline_shapes(tiny):
 
 
 # ------------------------------------------------------------------------------ the model and its variants
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than on several competing for a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def parts():
     from spinmeround_lite.latents import LatentCodec, build_vae
@@ -174,7 +183,7 @@ def parts():
                      P, "untrained")
 
 
-def test_generate_case_matches_spin_and_variants_have_the_right_shapes(parts):
+def test_generate_case_matches_spin_and_variants_have_the_right_shapes(parts, one_thread):
     from spinmeround_lite.spin import spin
 
     case = _fake_case(4)

@@ -66,6 +66,20 @@ def test_batches_follow_the_recipe_and_depend_only_on_seed_and_step(data):
     assert torch.equal(T.TrainData.latents(data, name, idx, background=True)[:, :4], z["rgb_bg"])
 
 
+def test_ablation_options_change_the_batches(data):
+    import copy
+
+    abl = copy.copy(data)
+    abl.cond_views, abl.use_identity, abl.image_only = 0, False, True
+    b = abl.batch(3, stage=1, batch_size=2)
+    assert not b["mask"].any()                                          # no input image
+    assert b["drop_id"].all()                                           # never the identity
+    assert b["channels"] == 4 and b["x0"][:, :, 4:].abs().max() == 0    # no normals
+    full = data.batch(3, stage=1, batch_size=2)
+    assert full["channels"] == 8 and torch.equal(full["drop_id"], full["drop"])
+    assert abl.options() == {"cond_views": 0, "use_identity": False, "image_only": True}
+
+
 def test_a_few_steps_on_one_fixed_batch_lower_the_loss(data):
     torch.manual_seed(0)
     model = SpinModel.from_profile("test")
@@ -120,7 +134,8 @@ def test_killed_and_resumed_run_reaches_bitwise_the_same_weights(run, tmp_path):
     again = T.train(r, steps=4, out=tmp_path / "full", resume=True, progress=False)
     assert again.steps_this_call == 0 and again.final_loss == full.final_loss
     model = SpinModel.load(tmp_path / "full", "test")
-    assert model.config["weights"] == "ema"
+    assert model.config["weights"] == "ema" and model.config["step"] == 4
+    assert model.config["cond_views"] is None and model.config["use_identity"] is True
 
 
 def test_two_process_cpu_run_trains_and_its_checkpoint_loads(run, data, tmp_path):
