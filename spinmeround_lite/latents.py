@@ -108,6 +108,7 @@ class LatentCodec:
 
     ``encode(img (..., 3, H, W) in [0, 1]) -> (..., C, h, w)``: the posterior mean times ``scale`` (deterministic,
     so a cache and a fresh encode agree). ``decode(z (..., C, h, w)) -> (..., 3, H, W)`` in [0, 1].
+    The codec is for inference: it puts ``vae`` in eval mode with gradients off.
     """
 
     def __init__(self, vae, scale: float | None = None, resolution: int | None = None, batch: int = 64):

@@ -154,8 +154,14 @@ def footprint_radii(cov2d: torch.Tensor, opacities: torch.Tensor, valid: torch.T
 # ================================================================================================
 # 2. the PyTorch rasterizer
 # ================================================================================================
-def _bin_tiles(means2d, radii, depths, width, height, tile):
-    """Sorted (tile, depth) lists: a table (C*TH*TW, Kmax) of flat Gaussian ids (C*N = padding) and counts."""
+def bin_tiles(means2d: torch.Tensor, radii: torch.Tensor, depths: torch.Tensor, width: int, height: int,
+              tile: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Bin projected Gaussians into ``tile x tile`` pixel tiles, each tile's list sorted front to back.
+
+    means2d (C, N, 2), radii (C, N, 2) box half-sides (0: not drawn), depths (C, N) ->
+    table (C*TH*TW, Kmax) of flat ids ``c * N + n`` (padded with ``C * N``), counts (C*TH*TW,), and the number
+    of (Gaussian, tile) pairs. Tiles are numbered camera-major, then row-major (TH rows of TW tiles).
+    """
     C, N = depths.shape
     TW, TH = math.ceil(width / tile), math.ceil(height / tile)
     m = means2d.detach()
@@ -225,7 +231,7 @@ def rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width
     pad = lambda x: torch.cat([x.reshape(C * N, *x.shape[2:]), torch.zeros_like(x.reshape(C * N, *x.shape[2:])[:1])])
     m2d_f, con_f, op_f, col_f = pad(proj["means2d"]), pad(proj["conics"]), pad(op), pad(col)  # row C*N: padding
 
-    table, counts, n_isects = _bin_tiles(proj["means2d"], radii, proj["depths"], width, height, tile_size)
+    table, counts, n_isects = bin_tiles(proj["means2d"], radii, proj["depths"], width, height, tile_size)
     TW, TH, P = math.ceil(width / tile_size), math.ceil(height / tile_size), tile_size * tile_size
     n_tiles = table.shape[0]
     iy, ix = torch.meshgrid(torch.arange(tile_size, device=device), torch.arange(tile_size, device=device),
@@ -686,6 +692,7 @@ class FitConfig:
     """Settings of :func:`fit_gaussians` (defaults tuned for 32-128 px views and a few hundred steps)."""
 
     iters: int = 600              # optimisation steps
+    init_opacity: float = 0.3     # opacity of the initial Gaussians
     batch_views: int = 1          # views rendered per step
     ssim_weight: float = 0.2      # loss = (1 - w) L1 + w (1 - SSIM)
     alpha_weight: float = 0.1     # weight of the L1 on the silhouette (when alphas are given)
@@ -753,7 +760,8 @@ def fit_gaussians(images: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, alph
     gen = torch.Generator().manual_seed(seed)
 
     t0 = time.perf_counter()
-    scene0, centre, radius = init_gaussians(images, c2w, K, n_init, init, alphas, normals, generator=gen)
+    scene0, centre, radius = init_gaussians(images, c2w, K, n_init, init, alphas, normals, generator=gen,
+                                            opacity=cfg.init_opacity)
     if init_scene is not None:
         scene0 = init_scene
     cap = cfg.max_gaussians or 4 * len(scene0)

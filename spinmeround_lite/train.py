@@ -660,6 +660,30 @@ def _result_from_log(log: dict, out: Path) -> TrainResult:
     return r
 
 
+def export_model(out: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a finished training folder's model to ``dest`` without its training checkpoints.
+
+    ``dest`` gets ``model.safetensors`` (EMA weights), ``config.json``, ``log.json``, ``loss.png``, ``samples/``
+    and ``COMPLETE`` last: what a reference checkpoint (``reference/<profile>/spin``) holds.
+    """
+    out, dest = Path(out), Path(dest)
+    if not Run.is_complete(out):
+        raise CheckpointError(f"{out} holds no finished training run (no COMPLETE): train it to the end first")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "log.json", "loss.png"):
+        if (out / name).exists():
+            shutil.copy2(out / name, dest / name)
+    if (out / "samples").is_dir():
+        shutil.copytree(out / "samples", dest / "samples")
+    log = read_json(dest / "log.json") if (dest / "log.json").exists() else {}
+    log.update(out=str(dest), checkpoint="")
+    write_json(dest / "log.json", log)
+    Run.mark_complete(dest, read_json(out / "COMPLETE"))
+    return dest
+
+
 # ----------------------------------------------------------------------------------------------
 # the model later notebooks use
 # ----------------------------------------------------------------------------------------------
@@ -700,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cond-views", type=int, default=None, help="ablation: always this many conditioning views")
     ap.add_argument("--no-identity", action="store_true", help="ablation: never give the identity (empty prompt)")
     ap.add_argument("--image-only", action="store_true", help="ablation: no normal latents (image channels only)")
+    ap.add_argument("--export", default="", help="when finished, copy the model (no training checkpoints) here, "
+                                                 "e.g. reference/<profile>/spin")
     ap.add_argument("--device", default="", help="cpu or cuda (default: CUDA when present)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -716,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
                    progress=not args.quiet, stop_after=args.stop_after, cond_views=args.cond_views,
                    use_identity=not args.no_identity, image_only=args.image_only)
     if int(os.environ.get("RANK", "0")) == 0:
+        if args.export and result.finished:
+            print("exported to", export_model(result.out, args.export))
         print(json.dumps({k: v for k, v in asdict(result).items() if k != "losses"}, indent=1))
     return 0
 

@@ -136,6 +136,9 @@ def test_killed_and_resumed_run_reaches_bitwise_the_same_weights(run, tmp_path):
     model = SpinModel.load(tmp_path / "full", "test")
     assert model.config["weights"] == "ema" and model.config["step"] == 4
     assert model.config["cond_views"] is None and model.config["use_identity"] is True
+    ref = T.export_model(tmp_path / "full", tmp_path / "reference" / "spin")   # a reference checkpoint
+    assert Run.is_complete(ref) and not (ref / "checkpoints").exists()
+    assert all(torch.equal(a[k], v) for k, v in _weights(ref).items())
 
 
 def test_two_process_cpu_run_trains_and_its_checkpoint_loads(run, data, tmp_path):
