@@ -37,6 +37,7 @@ from .runs import Run, atomic_path, find_repo_root, read_json, write_json
 
 CACHE_FORMAT = "spinmeround-lite/latents-v1"
 KL_WEIGHT = 1e-5          # weight of the KL term per latent element against the L1 + L2 per pixel
+POOL_VIEWS = 8000         # at most this many training views are held in memory for autoencoder training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +303,8 @@ def build_trained_vae(run: Run, folder: Path, progress: bool = True) -> dict:
     from .dataset import HeadDataset, ensure_dataset
     p = run.profile
     root = ensure_dataset(run)
-    pool = ImagePool(HeadDataset(root, "train"), progress=progress)
+    train = HeadDataset(root, "train", cache=False)
+    pool = ImagePool(train, max_identities=max(1, POOL_VIEWS // train.views_per_identity), progress=progress)
     vae = build_vae(p)
     t0 = time.perf_counter()
     history = train_vae(vae, pool, p.vae_steps, p.vae_batch, seed=run.seed, device=run.device, progress=progress)
@@ -397,7 +399,7 @@ def build_latent_cache(run: Run, folder: Path, codec: LatentCodec, dtype: torch.
              "vae_fingerprint": vae_fingerprint(codec), "seed": run.seed, "identities": {}, "files": {}}
     n_images, seconds = 0, 0.0
     for split in ("train", "heldout"):
-        ds = HeadDataset(root, split)
+        ds = HeadDataset(root, split, cache=False)
         for i in tqdm(range(len(ds)), desc=f"encoding {split} latents", disable=not progress, leave=False):
             ident = ds.ids[i]
             V = ds.views_per_identity

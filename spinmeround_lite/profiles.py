@@ -108,14 +108,14 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu", resolution=64, identities=64, heldout_identities=8, views_per_identity=40,
-        id_input_res=64, id_width=16, id_eval_width=24, id_train_steps=400, id_batch=64,
+        id_input_res=32, id_width=16, id_eval_width=24, id_train_steps=400, id_batch=64,
         text_hidden=64, text_layers=2, text_heads=2,
         vae_channels=(32, 64, 64), vae_steps=400, vae_batch=16,
         unet_channels=(64, 128, 128), unet_head_dim=32,
-        views_per_sample=8, train_steps=150, batch_size=2, checkpoint_every=50, sample_every=50,
+        views_per_sample=8, train_steps=300, batch_size=2, checkpoint_every=100, sample_every=100,
         use_reference=True,
         sample_steps=20, spin_views=48,
-        splat_iters=500, splat_init_gaussians=4000, splat_res=64,
+        splat_iters=600, splat_init_gaussians=4000, splat_res=64,
         eval_identities=4, eval_angles=16, ablation_steps=40,
     ),
     "gpu": Profile(

@@ -81,19 +81,6 @@ def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
     return R.reshape(*quats.shape[:-1], 3, 3)
 
 
-def rotmat_to_quat(R: torch.Tensor) -> torch.Tensor:
-    """Quaternions (..., 4) (w, x, y, z), w >= 0, of rotation matrices (..., 3, 3)."""
-    m = R
-    w = 0.5 * torch.sqrt((1 + m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]).clamp_min(0))
-    x = 0.5 * torch.sqrt((1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2]).clamp_min(0))
-    y = 0.5 * torch.sqrt((1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2]).clamp_min(0))
-    z = 0.5 * torch.sqrt((1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]).clamp_min(0))
-    x = torch.copysign(x, m[..., 2, 1] - m[..., 1, 2])
-    y = torch.copysign(y, m[..., 0, 2] - m[..., 2, 0])
-    z = torch.copysign(z, m[..., 1, 0] - m[..., 0, 1])
-    return F.normalize(torch.stack([w, x, y, z], -1), dim=-1)
-
-
 def covariance_3d(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """World covariances ``Sigma = R S S^T R^T`` (N, 3, 3) from quats (N, 4) and scales (N, 3)."""
     M = quat_to_rotmat(quats) * scales[..., None, :]  # R S
@@ -689,9 +676,9 @@ def init_gaussians(images, c2w, K, n: int, init: str = "auto", alphas=None, norm
 # ================================================================================================
 @dataclass
 class FitConfig:
-    """Settings of :func:`fit_gaussians` (defaults tuned for 32-128 px views and a few hundred steps)."""
+    """Settings of :func:`fit_gaussians` beyond the step count (defaults tuned for 32-128 px views and a few hundred
+    steps)."""
 
-    iters: int = 600              # optimisation steps
     init_opacity: float = 0.3     # opacity of the initial Gaussians
     batch_views: int = 1          # views rendered per step
     ssim_weight: float = 0.2      # loss = (1 - w) L1 + w (1 - SSIM)
@@ -703,11 +690,14 @@ class FitConfig:
     lr_colors: float = 0.02       # on colour logits
     densify_from: float = 0.1     # fraction of iters where densification starts ...
     densify_until: float = 0.6    # ... and stops
-    densify_every: int = 50       # steps between refinements
+    densify_every: int = 50       # steps between refinements (fewer in short fits: at least 3 refinements)
     grad_threshold: float = 2e-4  # mean view-space gradient (NDC units, as 3DGS) above which a Gaussian grows
     split_scale: float = 0.05     # Gaussians larger than this x radius are split, smaller ones cloned
     prune_opacity: float = 0.01   # Gaussians fainter than this are removed
-    max_gaussians: int = 0        # cap (0: 4 x the initial count)
+    max_gaussians: int = 0        # cap (0: 2 x the initial count)
+    cpu_threads: int = 1          # intra-op threads while fitting on the CPU (0: leave torch's setting). Each step's
+                                  # tensors are small, so one thread is about as fast as two on an idle machine and
+                                  # several times faster on a busy one, where thread-pool barriers wait on the others
 
 
 def _adam_reindex(opt: torch.optim.Optimizer, params: dict, src: torch.Tensor, fresh: torch.Tensor, new: dict):
@@ -742,7 +732,6 @@ def fit_gaussians(images: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, alph
     ``init_scene`` starts from given Gaussians instead of ``init``.
     """
     cfg = config or FitConfig()
-    cfg.iters = iters
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"fit_gaussians: images must be (V, H, W, 3), got {tuple(images.shape)}; "
                          f"permute (V, 3, H, W) views with .permute(0, 2, 3, 1)")
@@ -764,7 +753,7 @@ def fit_gaussians(images: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, alph
                                             opacity=cfg.init_opacity)
     if init_scene is not None:
         scene0 = init_scene
-    cap = cfg.max_gaussians or 4 * len(scene0)
+    cap = cfg.max_gaussians or 2 * len(scene0)
     eps = 1e-6
     params = {
         "means": scene0.means.clone(),
@@ -786,52 +775,59 @@ def fit_gaussians(images: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, alph
     grad_cnt = torch.zeros(len(scene0), device=device)
     history = dict(step=[], loss=[], psnr=[], gaussians=[])
     d_from, d_until = int(cfg.densify_from * iters), int(cfg.densify_until * iters)
+    every = max(1, min(cfg.densify_every, (d_until - d_from) // 3))     # at least 3 refinements in short fits
     perm = torch.randperm(V, generator=gen)
-    bar = trange(iters, desc=f"fitting Gaussians ({backend})", disable=not progress, leave=False)
-    for step in bar:
-        k = (step * cfg.batch_views) % V
-        idx = perm[k:k + cfg.batch_views]
-        if k + cfg.batch_views >= V:
-            perm = torch.randperm(V, generator=gen)
-        img, al, info = rasterize(params["means"], params["quats"], params["scales"].exp(),
-                                  torch.sigmoid(params["opacities"]), torch.sigmoid(params["colors"]),
-                                  w2c_d[idx], K_d[idx], W, H, backend=backend, background=bg, return_info=True,
-                                  **render_kw)
-        info["means2d"].retain_grad()
-        gt = images_d[idx]
-        l1 = (img - gt).abs().mean()
-        d_ssim = 1 - ssim(img.permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2)).mean()
-        loss = (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * d_ssim
-        if alphas_d is not None:
-            loss = loss + cfg.alpha_weight * (al[..., 0] - alphas_d[idx]).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            params["quats"].data = F.normalize(params["quats"].data, dim=-1)
-            for g in opt.param_groups:
-                if g["name"] == "means":
-                    g["lr"] *= decay
-            # view-space gradient statistics for densification (NDC units, as 3DGS)
-            g2 = info["means2d"].grad
-            if g2 is not None and d_from <= step < d_until:
-                g2 = g2 * torch.tensor([W / 2, H / 2], device=device) * len(idx)
-                vis = (info["radii"] > 0).all(-1)
-                grad_acc += (g2.norm(dim=-1) * vis).sum(0)
-                grad_cnt += vis.sum(0)
-            if d_from < step <= d_until and step % cfg.densify_every == 0:
-                grad_acc, grad_cnt = _densify_and_prune(params, opt, grad_acc, grad_cnt, cfg, radius, cap, gen)
-            elif step == iters - 1 or (step > d_until and step % cfg.densify_every == 0):
-                grad_acc, grad_cnt = _prune(params, opt, cfg, radius)
-        if step % 10 == 0 or step == iters - 1:
-            p = float(psnr(img.detach().permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2)).mean())
-            history["step"].append(step)
-            history["loss"].append(loss.item())
-            history["psnr"].append(p)
-            history["gaussians"].append(params["means"].shape[0])
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}", n=params["means"].shape[0])
-            if callback is not None:
-                callback(step, dict(loss=loss.item(), psnr=p, gaussians=params["means"].shape[0]))
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        bar = trange(iters, desc=f"fitting Gaussians ({backend})", disable=not progress, leave=False)
+        for step in bar:
+            k = (step * cfg.batch_views) % V
+            idx = perm[k:k + cfg.batch_views]
+            if k + cfg.batch_views >= V:
+                perm = torch.randperm(V, generator=gen)
+            img, al, info = rasterize(params["means"], params["quats"], params["scales"].exp(),
+                                      torch.sigmoid(params["opacities"]), torch.sigmoid(params["colors"]),
+                                      w2c_d[idx], K_d[idx], W, H, backend=backend, background=bg, return_info=True,
+                                      **render_kw)
+            info["means2d"].retain_grad()
+            gt = images_d[idx]
+            l1 = (img - gt).abs().mean()
+            d_ssim = 1 - ssim(img.permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2)).mean()
+            loss = (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * d_ssim
+            if alphas_d is not None:
+                loss = loss + cfg.alpha_weight * (al[..., 0] - alphas_d[idx]).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                params["quats"].data = F.normalize(params["quats"].data, dim=-1)
+                for g in opt.param_groups:
+                    if g["name"] == "means":
+                        g["lr"] *= decay
+                # view-space gradient statistics for densification (NDC units, as 3DGS)
+                g2 = info["means2d"].grad
+                if g2 is not None and d_from <= step < d_until:
+                    g2 = g2 * torch.tensor([W / 2, H / 2], device=device) * len(idx)
+                    vis = (info["radii"] > 0).all(-1)
+                    grad_acc += (g2.norm(dim=-1) * vis).sum(0)
+                    grad_cnt += vis.sum(0)
+                if d_from < step <= d_until and step % every == 0:
+                    grad_acc, grad_cnt = _densify_and_prune(params, opt, grad_acc, grad_cnt, cfg, radius, cap, gen)
+                elif step == iters - 1 or (step > d_until and step % every == 0):
+                    grad_acc, grad_cnt = _prune(params, opt, cfg, radius)
+            if step % 10 == 0 or step == iters - 1:
+                p = float(psnr(img.detach().permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2)).mean())
+                history["step"].append(step)
+                history["loss"].append(loss.item())
+                history["psnr"].append(p)
+                history["gaussians"].append(params["means"].shape[0])
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{p:.1f}", n=params["means"].shape[0])
+                if callback is not None:
+                    callback(step, dict(loss=loss.item(), psnr=p, gaussians=params["means"].shape[0]))
+    finally:
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         scene = GaussianScene(params["means"].detach().clone(), F.normalize(params["quats"].detach(), dim=-1),

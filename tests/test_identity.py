@@ -165,8 +165,9 @@ def tiny_scrfd(path, size, face):
     onnx.save(model, str(path))
 
 
-def test_recognition_onnx_embeds_aligned_crops(tmp_path):
-    W, b = tiny_recognition(tmp_path / "arcface.onnx")
+@pytest.mark.parametrize("batch", ["N", 1])
+def test_recognition_onnx_embeds_aligned_crops(tmp_path, batch):
+    W, b = tiny_recognition(tmp_path / "arcface.onnx", batch=batch)   # dynamic batch, or fixed 1x3x112x112
     enc = I.InsightFaceEncoder(tmp_path / "arcface.onnx")
     crops = torch.rand(3, 3, 112, 112)
     e = enc.embed(crops)                                     # no detector, no keypoints: already aligned

@@ -1,0 +1,118 @@
+"""Train the course's reference checkpoints for a profile and export them to ``reference/<profile>/``.
+
+    python tools/train_reference.py --profile cpu --steps 4000            # long; safe to stop and run again
+    python tools/train_reference.py --profile cpu --steps 4000 --export   # copy what is trained so far
+
+The same functions the notebooks teach build everything in a run folder of its own (``runs/reference-<profile>``,
+which never reads reference checkpoints itself): the dataset (notebook 00), the conditioning identity encoder
+(01), the autoencoder (03) and the multi-view model with the profile's trainer (05), for ``--steps`` steps.
+Training resumes from its last checkpoint, so a killed run loses at most ``checkpoint_every`` steps.
+The export holds ``spin/`` (EMA weights), ``vae/``, ``id_cond/`` and ``manifest.json`` (profile, commit, data
+seed, steps, machine, figures). The sampling, splatting and evaluation notebooks of that profile start from them.
+"""
+
+import argparse
+import datetime as dt
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spinmeround_lite.profiles import get_profile  # noqa: E402
+from spinmeround_lite.runs import Run, read_json, write_json  # noqa: E402
+
+
+def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None:
+    from spinmeround_lite.checkpoints import load_checkpoint, save_checkpoint
+    from spinmeround_lite.train import checkpoint_dirs
+
+    spin_dir = run.model_dir("spin")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("vae", "id_cond"):
+        src = run.model_dir(name)
+        if not Run.is_complete(src):
+            raise SystemExit(f"{src} is not complete; run without --export first")
+        tgt = dest / name
+        if tgt.exists():
+            shutil.rmtree(tgt)
+        shutil.copytree(src, tgt)
+    tgt = dest / "spin"
+    if tgt.exists():
+        shutil.rmtree(tgt)
+    if Run.is_complete(spin_dir):                     # finished: the exported EMA model as the trainer saved it
+        shutil.copytree(spin_dir, tgt, ignore=shutil.ignore_patterns("checkpoints", "samples"))
+    else:                                             # still training: the EMA weights of the last checkpoint
+        ck = checkpoint_dirs(spin_dir)
+        if not ck:
+            raise SystemExit(f"no checkpoint in {spin_dir} yet")
+        state, config = load_checkpoint(ck[-1], name="ema.safetensors")
+        save_checkpoint(tgt, state, config)
+        for extra in ("loss.png", "log.json"):
+            if (spin_dir / extra).exists():
+                shutil.copy2(spin_dir / extra, tgt / extra)
+        Run.mark_complete(tgt, {"from_checkpoint": ck[-1].name})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    figs = {}
+    log = spin_dir / "log.json"
+    if log.exists():
+        lg = read_json(log)
+        figs = {k: lg.get(k) for k in ("final_loss", "samples_per_s", "steps") if k in lg}
+    write_json(dest / "manifest.json", {
+        "profile": run.profile.name, "commit": commit, "data_seed": run.seed, "train_steps": steps_done,
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU"
+                   if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        "trained_on": "CPU: a long background run of the course's own trainer (no GPU was available)"
+                      if not torch.cuda.is_available() else "CUDA GPU",
+        "train_seconds": seconds, "figures": figs,
+        "parts": {"spin": "multi-view model, EMA weights", "vae": "autoencoder", "id_cond": "conditioning encoder"},
+    })
+    print(f"exported to {dest}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--steps", type=int, default=4000, help="training steps of the multi-view model")
+    ap.add_argument("--run-dir", default=None, help="default: runs/reference-<profile>")
+    ap.add_argument("--out", default=None, help="default: reference/<profile>")
+    ap.add_argument("--export", action="store_true", help="only export what is trained so far")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    base = get_profile(args.profile)
+    profile = base.replace(use_reference=False, train_steps=args.steps,
+                           checkpoint_every=max(50, min(250, args.steps // 10)),
+                           sample_every=max(100, args.steps // 4))
+    run = Run(profile, args.run_dir or ROOT / "runs" / f"reference-{base.name}", notebook="reference",
+              seed=args.seed)
+    dest = Path(args.out) if args.out else ROOT / "reference" / base.name
+    if not args.export:
+        from spinmeround_lite.dataset import ensure_dataset
+        from spinmeround_lite.identity import ensure_encoder
+        from spinmeround_lite.latents import ensure_vae
+        from spinmeround_lite.train import train
+
+        ensure_dataset(run)
+        ensure_encoder(run, "cond")
+        ensure_vae(run)
+        t0 = dt.datetime.now()
+        train(run, steps=args.steps)
+        seconds = (dt.datetime.now() - t0).total_seconds()
+    else:
+        seconds = None
+    from spinmeround_lite.train import checkpoint_dirs
+    ck = checkpoint_dirs(run.model_dir("spin"))
+    done = args.steps if Run.is_complete(run.model_dir("spin")) else (int(ck[-1].name.split("_")[-1]) if ck else 0)
+    export(run, dest, done, seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
