@@ -137,7 +137,7 @@ class IdentityContext(nn.Module):
     ``batch_size``).
     """
 
-    def __init__(self, source: Profile | str | os.PathLike = "test", prompt: str = PROMPT):
+    def __init__(self, source: Profile | str | os.PathLike, prompt: str = PROMPT):
         super().__init__()
         if isinstance(source, Profile) or source in PROFILES:
             profile = get_profile(source)
