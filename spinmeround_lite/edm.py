@@ -105,14 +105,6 @@ def edm_loss(D: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, target_mask
     return (w[:, None] * per_view * m).sum() / m.sum()
 
 
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """EDM's sampling schedule: ``n`` levels from ``sigma_max`` down to ``sigma_min``, then a final 0 (n + 1,)."""
-    i = torch.arange(n, dtype=torch.float64)
-    inv = 1.0 / rho
-    s = (sigma_max**inv + i / max(n - 1, 1) * (sigma_min**inv - sigma_max**inv)) ** rho
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
-
-
 def predicted_ln_sigma_mean(P_mean: float = P_MEAN, n_targets: int = 7, shift: bool = True) -> float:
     """The mean of ln sigma that ``sample_training_sigma`` should show: ``P_mean (+ 0.5 ln N)``."""
     return P_mean + (0.5 * math.log(max(n_targets, 1)) if shift else 0.0)

@@ -27,6 +27,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -59,13 +60,25 @@ def resolve_local_folder(path: str | os.PathLike, what: str = "model", hint: str
 # ----------------------------------------------------------------------------------------------
 # the autoencoder
 # ----------------------------------------------------------------------------------------------
+def norm_groups(channels: Iterable[int], most: int = 32, per_group: int = 4) -> int:
+    """GroupNorm's group count for these block widths: the largest power of two <= ``most`` that divides every
+    width and leaves at least ``per_group`` channels per group at the narrowest one.
+
+    SD1.5 (320 channels, 32 groups) has 10 channels per group; a small model with one channel per group would
+    normalise away each channel's per-image mean, i.e. the image's colour: the course's autoencoder reconstructs
+    colours much sooner with 4 channels per group than with 1. The multi-view UNet uses the same rule.
+    """
+    channels = list(channels)
+    g = most
+    while g > 1 and (any(c % g for c in channels) or min(channels) // g < per_group):
+        g //= 2
+    return g
+
+
 def vae_config(profile: Profile | str) -> dict:
     """The ``AutoencoderKL`` configuration of a profile (``vae_channels``, ``vae_latent_channels``)."""
     p = get_profile(profile)
     ch = tuple(p.vae_channels)
-    groups = 32
-    while groups > 1 and any(c % groups for c in ch):
-        groups //= 2
     return dict(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(ch),
@@ -73,7 +86,7 @@ def vae_config(profile: Profile | str) -> dict:
         block_out_channels=ch,
         layers_per_block=1,
         latent_channels=p.vae_latent_channels,
-        norm_num_groups=groups,
+        norm_num_groups=norm_groups(ch),      # >= 4 channels per group
         sample_size=p.resolution,
         scaling_factor=1.0,            # measured on the data after training (``measure_scale``)
     )
@@ -494,7 +507,7 @@ def ensure_latent_cache(run: Run, codec: LatentCodec | None = None, progress: bo
     return LatentCache(folder)
 
 
-__all__ = ["resolve_local_folder", "vae_config", "build_vae", "load_vae", "LatentCodec", "ImagePool", "composite",
-           "vae_loss", "train_vae", "measure_scale", "evaluate_codec", "build_trained_vae", "ensure_vae",
+__all__ = ["resolve_local_folder", "norm_groups", "vae_config", "build_vae", "load_vae", "LatentCodec", "ImagePool",
+           "composite", "vae_loss", "train_vae", "measure_scale", "evaluate_codec", "build_trained_vae", "ensure_vae",
            "vae_fingerprint", "background_colours", "encode_identity", "build_latent_cache", "LatentCache",
            "ensure_latent_cache"]

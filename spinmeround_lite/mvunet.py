@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .latents import norm_groups, resolve_local_folder
 from .profiles import Profile, get_profile
 
 IMAGE_LATENT, NORMAL_LATENT, RAY_CHANNELS, MASK_CHANNELS = 4, 4, 144, 1
@@ -279,14 +280,6 @@ class MultiViewUNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # building
 # ----------------------------------------------------------------------------------------------
-def _norm_groups(channels: Iterable[int], most: int = 32) -> int:
-    """The largest group count <= ``most`` that divides every channel count (GroupNorm needs it)."""
-    g = most
-    while g > 1 and any(c % g for c in channels):
-        g //= 2
-    return g
-
-
 def unet_config(profile: Profile | str, in_channels: int = IN_CHANNELS, out_channels: int = OUT_CHANNELS) -> dict:
     """The ``UNet2DConditionModel`` configuration of a profile (``unet_*`` fields, ``text_hidden``)."""
     p = get_profile(profile)
@@ -311,7 +304,7 @@ def unet_config(profile: Profile | str, in_channels: int = IN_CHANNELS, out_chan
         layers_per_block=p.unet_layers_per_block,
         attention_head_dim=heads,          # diffusers' name for the number of heads per level
         cross_attention_dim=p.text_hidden,
-        norm_num_groups=_norm_groups(ch),
+        norm_num_groups=norm_groups(ch),
     )
 
 
@@ -322,8 +315,6 @@ def load_unet2d(path: str | Path, subfolder: str | None = None):
     (Arc2Face's layout); ``subfolder`` names it explicitly.
     """
     from diffusers import UNet2DConditionModel
-
-    from .latents import resolve_local_folder
     root = resolve_local_folder(path, what="2D UNet (UNet2DConditionModel)",
                                 hint="or set unet_pretrained='' to start from random weights")
     if subfolder is None:

@@ -155,6 +155,9 @@ class TrainData:
         self.cameras = {}                                  # identity -> (c2w (V,4,4), K (V,3,3), yaw, pitch)
         encoder = ensure_encoder(run, "cond")
         self.id_emb = self._embed_identities(encoder, progress)
+        # the latent space and identity space this model learns in: a model only works with these two
+        self.fingerprints = {"vae_fingerprint": self.cache.index.get("vae_fingerprint", ""),
+                             "id_cond_fingerprint": module_fingerprint(encoder)}
 
     def camera(self, ds, i: int):
         """(c2w (V,4,4), K (V,3,3), yaw (V,), pitch (V,)) of identity ``i`` of ``ds``, read once."""
@@ -233,6 +236,17 @@ class TrainData:
     def options(self) -> dict:
         """The recipe options, as recorded in the model's config."""
         return {"cond_views": self.cond_views, "use_identity": self.use_identity, "image_only": self.image_only}
+
+
+def module_fingerprint(module) -> str:
+    """A short hash of a module's weights (which identity encoder a model was trained with)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(f"{t.double().sum().item():.10g}".encode())
+    return h.hexdigest()[:16]
 
 
 def encoder_device(module) -> torch.device:
@@ -548,7 +562,7 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
     with accelerator.main_process_first():                # the main process builds missing artifacts first
         data = TrainData(run, progress=progress and main, cond_views=cond_views, use_identity=use_identity,
                          image_only=image_only)
-    options = data.options()
+    options = dict(data.options(), **data.fingerprints)    # checked on resume, recorded in every checkpoint
     torch.manual_seed(run.seed)                           # the initial weights depend on the seed only
     model = SpinModel.from_profile(p)
     model.config.update(options)                          # the recipe options travel with every checkpoint
@@ -692,15 +706,35 @@ def ensure_model(run: Run, progress: bool = True) -> tuple[SpinModel, str]:
 
     ``reference/<profile>/spin`` when the profile uses reference checkpoints and the checkout has one; else the
     run's trained model (``run.model_dir("spin")``, EMA weights), trained now (resuming any interrupted
-    training) when missing.
+    training) when missing. A reference model works only with the autoencoder and identity encoder it was
+    trained with: a warning says so when the run's differ (their fingerprints are in the model's config).
     """
     ref = run.reference_dir("spin")
     if ref is not None:
-        return SpinModel.load(ref, run.profile, run.device), "reference"
+        model = SpinModel.load(ref, run.profile, run.device)
+        _warn_foreign_parts(run, model)
+        return model, "reference"
     folder = run.model_dir("spin")
     if not Run.is_complete(folder):
         train(run, progress=progress)
     return SpinModel.load(folder, run.profile, run.device), "trained"
+
+
+def _warn_foreign_parts(run: Run, model: SpinModel) -> None:
+    """Warn when a loaded model was trained with another autoencoder or identity encoder than the run has."""
+    import warnings
+
+    found = {}
+    if Run.is_complete(run.root / "latents") and (run.root / "latents" / "index.json").exists():
+        found["vae_fingerprint"] = read_json(run.root / "latents" / "index.json").get("vae_fingerprint")
+    if Run.is_complete(run.model_dir("id_cond")):
+        from .identity import ensure_encoder
+        found["id_cond_fingerprint"] = module_fingerprint(ensure_encoder(run, "cond", progress=False))
+    diff = [k for k, v in found.items() if model.config.get(k) not in (None, v)]
+    if diff:
+        warnings.warn(f"the model was trained with another {' and '.join(k.split('_fingerprint')[0] for k in diff)} "
+                      f"than this run's ({', '.join(diff)} differ): its samples will be wrong. Use the reference "
+                      "parts too (reference/<profile>/vae, id_cond) or train the model in this run (notebook 05).")
 
 
 # ----------------------------------------------------------------------------------------------

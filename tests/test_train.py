@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from spinmeround_lite import train as T
+from spinmeround_lite.checkpoints import CheckpointError
 from spinmeround_lite.model import SpinModel
 from spinmeround_lite.runs import Run
 
@@ -129,6 +130,14 @@ def test_killed_and_resumed_run_reaches_bitwise_the_same_weights(run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     start = _weights(tmp_path / "killed" / "checkpoints" / "step_0000002")
     assert not all(torch.equal(a[k], start[k]) for k in a)               # and training moved them
+
+    # a checkpoint made with another autoencoder is not resumed
+    other = tmp_path / "other" / "checkpoints" / "step_0000002"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000004", other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, vae_fingerprint="another")))
+    with pytest.raises(CheckpointError, match="vae_fingerprint"):
+        T.train(r, steps=4, out=tmp_path / "other", resume=True, progress=False)
 
     # a finished run is returned as it is; the model loads
     again = T.train(r, steps=4, out=tmp_path / "full", resume=True, progress=False)
