@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -304,7 +305,15 @@ def ensure_encoder(run: Run, role: str = "cond", progress: bool = True) -> Ident
     cfg = encoder_config(run.profile, role)
     folder = run.model_dir(ROLES[role])
 
+    # the reference multi-view model was trained with the reference conditioning encoder's embeddings
+    ref = run.reference_dir(ROLES[role]) if role == "cond" else None
+
     def build(folder: Path) -> None:
+        if ref is not None:
+            for item in ref.iterdir():
+                if item.is_file() and item.name != "COMPLETE":
+                    shutil.copy2(item, folder / item.name)
+            return
         ds = HeadDataset(ensure_dataset(run), split="train")
         data = view_images(ds, cfg.max_yaw)
         enc, log = train_encoder(data["rgb"], data["label"], cfg, device=run.device, progress=progress)
