@@ -66,7 +66,8 @@ def norm_groups(channels: Iterable[int], most: int = 32, per_group: int = 4) -> 
 
     SD1.5 (320 channels, 32 groups) has 10 channels per group; a small model with one channel per group would
     normalise away each channel's per-image mean, i.e. the image's colour: the course's autoencoder reconstructs
-    colours much sooner with 4 channels per group than with 1. The multi-view UNet uses the same rule.
+    colours much sooner with 4 channels per group than with 1 (the multi-view UNet keeps ``per_group=1``, diffusers'
+    usual choice, so saved models rebuild unchanged).
     """
     channels = list(channels)
     g = most
@@ -237,7 +238,7 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float = KL_WEIGHT) -> tuple[torch.
     return loss, {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
 
 
-def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 1e-3, kl_weight: float = KL_WEIGHT,
+def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 2e-3, kl_weight: float = KL_WEIGHT,
               seed: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
     """Adam on ``vae_loss`` for ``steps`` batches from ``pool``; the learning rate decays to 10 % (cosine).
 
@@ -297,18 +298,14 @@ def evaluate_codec(codec: LatentCodec, ds, max_identities: int = 8, views: int |
 # the run's autoencoder
 # ----------------------------------------------------------------------------------------------
 def _check_vae(vae, profile: Profile, where) -> None:
-    want = vae_config(profile)
-    found = dict(vae.config)
-    diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run needs {want[k]!r}"
-             for k in ("block_out_channels", "latent_channels", "sample_size")
-             if list(_as_list(found.get(k))) != list(_as_list(want[k]))]
-    if diffs:
-        raise CheckpointError(f"{where} holds an autoencoder of another configuration:\n  " + "\n  ".join(diffs) +
-                              "\nDelete that folder (or rerun the course with --fresh) to train a matching one.")
-
-
-def _as_list(v):
-    return v if isinstance(v, (list, tuple)) else [v]
+    """The autoencoder must give the latents this run expects: ``latent_channels`` channels, ``latent_factor``
+    times smaller. Its widths may differ (a reference autoencoder trained with other widths works)."""
+    want_c, want_f = profile.vae_latent_channels, profile.latent_factor
+    found_c, found_f = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    if (found_c, found_f) != (want_c, want_f):
+        raise CheckpointError(f"{where} holds an autoencoder with {found_c}-channel latents {found_f}x smaller than "
+                              f"the image; profile {profile.name!r} needs {want_c} channels, {want_f}x. Delete that "
+                              "folder (or rerun the course with --fresh) to train a matching one.")
 
 
 def build_trained_vae(run: Run, folder: Path, progress: bool = True) -> dict:

@@ -304,7 +304,7 @@ def unet_config(profile: Profile | str, in_channels: int = IN_CHANNELS, out_chan
         layers_per_block=p.unet_layers_per_block,
         attention_head_dim=heads,          # diffusers' name for the number of heads per level
         cross_attention_dim=p.text_hidden,
-        norm_num_groups=norm_groups(ch),
+        norm_num_groups=norm_groups(ch, per_group=1),   # largest <= 32 dividing every width, as checkpoints have
     )
 
 
