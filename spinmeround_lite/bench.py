@@ -127,7 +127,6 @@ def training_speed(profile, device: torch.device, batch: int | None = None, step
         out["mfu"] = flops / t / peak
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    del model, opt
     return out
 
 

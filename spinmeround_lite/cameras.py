@@ -75,7 +75,8 @@ def w2c_from_c2w(c2w: torch.Tensor) -> torch.Tensor:
     return w2c
 
 
-def rig_angles(n_views: int, pitch_band_deg: float = PITCH_BAND_DEG, rows: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def rig_angles(n_views: int, pitch_band_deg: float = PITCH_BAND_DEG,
+               rows: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """Yaw and pitch (degrees) of ``n_views`` rig views: yaw evenly over 360 deg, pitch cycling ``rows`` levels.
 
     With 125 views this is 25 yaws per pitch level in 5 interleaved levels across -band..+band, as a

@@ -25,7 +25,6 @@ from pathlib import Path
 from .profiles import PROFILES
 from .runs import find_repo_root, read_json, write_json
 
-
 # The figures each notebook must record (the course's contract with its issues); the runner lists any missing.
 REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
     "00_procedural_heads": ("identities", "views_per_identity", "resolution", "render_views_per_s", "mean_head_ssim"),

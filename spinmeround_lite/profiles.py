@@ -110,7 +110,7 @@ PROFILES: dict[str, Profile] = {
         name="cpu", resolution=64, identities=64, heldout_identities=8, views_per_identity=40,
         id_input_res=32, id_width=16, id_eval_width=24, id_train_steps=400, id_batch=64,
         text_hidden=64, text_layers=2, text_heads=2,
-        vae_channels=(32, 64, 64), vae_steps=400, vae_batch=16,   # the reference autoencoder (reference/cpu/vae) has this size
+        vae_channels=(32, 64, 64), vae_steps=400, vae_batch=16,   # the size of reference/cpu/vae
         unet_channels=(64, 128, 128), unet_head_dim=32,
         views_per_sample=8, train_steps=300, batch_size=2, lr=6e-4, checkpoint_every=100, sample_every=100,
         use_reference=True,
