@@ -1,0 +1,33 @@
+"""The committed reference checkpoints load with the profile they were made for, and say where they came from."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spinmeround_lite.runs import Run
+
+REF = Path(__file__).resolve().parents[1] / "reference" / "cpu"
+
+
+@pytest.mark.skipif(not (REF / "manifest.json").exists(), reason="no reference checkpoints in this checkout")
+def test_cpu_reference_loads_and_has_a_manifest(tmp_path):
+    m = json.loads((REF / "manifest.json").read_text())
+    for key in ("profile", "commit", "data_seed", "train_steps", "machine", "figures", "trained_on"):
+        assert key in m, f"manifest.json lacks {key}"
+    assert m["profile"] == "cpu" and m["train_steps"] > 0
+    size = sum(p.stat().st_size for p in REF.rglob("*") if p.is_file())
+    assert size < 64 * 2 ** 20, f"reference/cpu is {size / 2 ** 20:.0f} MiB: too large to commit"
+
+    from spinmeround_lite.latents import ensure_vae
+    from spinmeround_lite.train import ensure_model
+
+    run = Run("cpu", tmp_path / "run", device="cpu")
+    model, source = ensure_model(run, progress=False)
+    assert source == "reference"
+    codec = ensure_vae(run, progress=False)             # copied from reference/cpu/vae, never trained here
+    assert Run.is_complete(run.model_dir("vae"))
+    x = torch.rand(1, 3, 64, 64)
+    assert codec.encode(x).shape == (1, 4, 16, 16)
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
