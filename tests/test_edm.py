@@ -33,13 +33,7 @@ class ConstantContext(nn.Module):
         return torch.full((B, 77, 4), v)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _inputs(B=3, V=4, h=4, seed=0):

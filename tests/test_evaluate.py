@@ -160,14 +160,6 @@ def test_mean_head_baseline_shapes(tiny):
 
 
 # ------------------------------------------------------------------------------ the model and its variants
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread than on several competing for a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def parts():

@@ -16,14 +16,7 @@ from spinmeround_lite.checkpoints import CheckpointError
 from spinmeround_lite.model import SpinModel
 from spinmeround_lite.runs import Run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and do not stall when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
