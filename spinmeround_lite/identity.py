@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -310,9 +309,7 @@ def ensure_encoder(run: Run, role: str = "cond", progress: bool = True) -> Ident
 
     def build(folder: Path) -> None:
         if ref is not None:
-            for item in ref.iterdir():
-                if item.is_file() and item.name != "COMPLETE":
-                    shutil.copy2(item, folder / item.name)
+            Run.copy_files(ref, folder)
             return
         ds = HeadDataset(ensure_dataset(run), split="train")
         data = view_images(ds, cfg.max_yaw)

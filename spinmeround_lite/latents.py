@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -347,9 +346,7 @@ def ensure_vae(run: Run, progress: bool = True) -> LatentCodec:
 
     def build(f: Path):
         if ref is not None:
-            for item in ref.iterdir():
-                if item.name != "COMPLETE" and item.is_file():
-                    shutil.copy2(item, f / item.name)
+            Run.copy_files(ref, f)
             info = read_json(f / "train.json") if (f / "train.json").exists() else {}
             write_json(f / "train.json", {**info, "source": "reference"})
         else:

@@ -231,6 +231,13 @@ class Run:
         return folder
 
     # reference checkpoints ---------------------------------------------------------------------
+    @staticmethod
+    def copy_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        """Copy the files of artifact ``src`` (not its ``COMPLETE`` marker) into ``dst``."""
+        for item in Path(src).iterdir():
+            if item.is_file() and item.name != "COMPLETE":
+                shutil.copy2(item, Path(dst) / item.name)
+
     def reference_dir(self, name: str) -> Path | None:
         """``reference/<profile>/<name>`` of the checkout when this profile uses reference checkpoints."""
         if not self.profile.use_reference:
