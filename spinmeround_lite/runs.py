@@ -62,6 +62,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+def write_gif(frames, path: str | os.PathLike, duration_ms: int = 80) -> Path:
+    """Write frames (F, H, W, 3), uint8 or float in [0, 1], as a looping GIF, atomically."""
+    from PIL import Image
+
+    if isinstance(frames, torch.Tensor) and frames.dtype != torch.uint8:
+        frames = (frames.detach().clamp(0, 1) * 255).round().byte()
+    if isinstance(frames, torch.Tensor):
+        frames = frames.cpu().numpy()
+    ims = [Image.fromarray(np.asarray(f)) for f in frames]
+    with atomic_path(path) as tmp:
+        ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:], duration=int(duration_ms), loop=0)
+    return Path(path)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:

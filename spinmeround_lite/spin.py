@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from . import cameras, sampling
 from .profiles import Profile, get_profile
 from .raymaps import raymap
-from .runs import Run, atomic_path, find_repo_root, write_json
+from .runs import Run, atomic_path, find_repo_root, write_gif, write_json
 
 IMAGE_CHANNELS = slice(0, 4)         # latent channels of the image
 NORMAL_CHANNELS = slice(4, 8)        # latent channels of the normal map
@@ -585,10 +585,8 @@ class SpinResult:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **a)
         if gif:
-            frames = [Image.fromarray(f) for f in self.frames()]
-            with atomic_path(folder / "turntable.gif") as tmp:
-                frames[0].save(tmp, format="gif", save_all=True, append_images=frames[1:],
-                               duration=max(20, int(4000 / len(frames))), loop=0)
+            frames = self.frames()
+            write_gif(frames, folder / "turntable.gif", duration_ms=max(20, int(4000 / len(frames))))
         write_json(folder / "spin.json", {"views": len(self), "yaw": self.yaw, "pitch": self.pitch,
                                           "seconds": self.seconds, **self.info})
         return folder

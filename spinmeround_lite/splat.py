@@ -57,7 +57,7 @@ from tqdm.auto import trange
 
 from .cameras import look_at, orbit_eye, w2c_from_c2w
 from .metrics import psnr, ssim
-from .runs import atomic_path
+from .runs import atomic_path, write_gif
 
 ALPHA_MAX = 0.99        # clamp of one Gaussian's alpha (3DGS); gsplat's kernel clamps at 0.999
 ALPHA_MIN = 1.0 / 255   # contributions below this are skipped
@@ -956,11 +956,5 @@ def turntable_cameras(n_frames: int, radius: float, K: torch.Tensor, pitch: floa
 
 
 def save_gif(frames: torch.Tensor, path: str | Path, fps: int = 12) -> Path:
-    """Write frames (F, H, W, 3) in [0, 1] as a looping GIF, atomically."""
-    from PIL import Image
-    arr = (frames.clamp(0, 1) * 255).round().byte().cpu().numpy()
-    ims = [Image.fromarray(a) for a in arr]
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
-    return path
+    """Write frames (F, H, W, 3) in [0, 1] as a looping GIF at ``fps``, atomically (``runs.write_gif``)."""
+    return write_gif(frames, path, duration_ms=1000 / fps)
