@@ -23,16 +23,21 @@ Users call ``spin``::
     result = spin("face.png", n_views=48)            # SpinResult: views, normals (N,3,H,W), yaw, pitch, c2w, K
     result.save("out/")                              # PNGs, views.npz, turntable.gif
 
-    python -m spinmeround_lite.spin face.png --views 48 --out out/ [--profile cpu] [--no-align] [--steps 20]
+    python -m spinmeround_lite.spin face.jpg --views 48 --out out/ [--profile cpu] [--no-align] [--steps 20]
+                                    [--face-backend auto|dlib|insightface]
 
 Inputs: a path, a PIL image, or an array/tensor; any size and mode (RGBA composited on white, grayscale to RGB,
 16-bit scaled). Framing: the model knows heads framed as the rig renders them (``cameras``): a square image
 whose left and right edges are plain white is taken as such a render and used as it is. Any other image is
-aligned like a photo: insightface's SCRFD detector finds 5 keypoints and a similarity transform puts them
-where the procedural heads' eyes, nose tip and mouth corners appear in a frontal render (the PanoHead/FFHQ
-idea of a keypoint-defined crop, with this course's framing). Without the detector file that step stops with
-a message naming it; ``align=False`` (``--no-align``) skips alignment for an image that is already a square,
-centred head (a non-square one is padded with white).
+aligned like a photo (``faces``, notebook 10): a face detector finds the largest face and its 5 keypoints (eye
+centres, nose tip, mouth corners), a similarity transform puts them where the procedural heads' eyes, nose tip
+and mouth corners appear in a frontal render (the PanoHead/FFHQ idea of a keypoint-defined crop, with this
+course's framing), and GrabCut replaces the background by white. The face backend (``face_backend``,
+``--face-backend``): ``auto`` uses insightface's SCRFD detector where its file is present and otherwise the
+shipped dlib detector and 68 landmarks; the choice is printed by the CLI and recorded in ``info``. A photo
+without a usable face stops with ``AlignmentError`` (``faces.FaceError``) naming it; ``align=False``
+(``--no-align``) skips alignment for an image that is already a square, centred head (a non-square one is
+padded with white).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import cameras, sampling
+from .faces import FaceError, align_with_keypoints, choose_backend, face_template, frame_photo  # noqa: F401
 from .profiles import Profile, get_profile
 from .raymaps import raymap
 from .runs import Run, atomic_path, find_repo_root, write_gif, write_json
@@ -69,8 +75,7 @@ class ImageError(ValueError):
     """An input image that cannot be read or used; the message names it and says what to do."""
 
 
-class AlignmentError(RuntimeError):
-    """A photo could not be aligned (no detector model files, or no face found)."""
+AlignmentError = FaceError   # a photo could not be aligned (no face, a face too small, no face models)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,47 +209,8 @@ def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# aligning photos: 5 keypoints -> the renders' framing
+# aligning photos: face backend -> 5 keypoints -> the renders' framing, on white (faces.py)
 # ----------------------------------------------------------------------------------------------
-def face_template(resolution: int) -> torch.Tensor:
-    """Where the 5 face keypoints of the mean procedural head appear in a frontal render (5, 2), in pixels.
-
-    Order as insightface/ArcFace: eye on the image left, eye on the image right, nose tip, mouth corner left,
-    mouth corner right. Pixel centres at whole numbers (cv2's convention, as the detector's keypoints).
-    """
-    from .heads import Head, HeadParams
-
-    h = Head(HeadParams())
-    p = h.p
-    ex, ey, ez = h.eye_c
-    pts = torch.tensor([[-ex, ey, ez + p.eye_r], [ex, ey, ez + p.eye_r],               # front of the eyeballs
-                        [h.nose_tip[0], h.nose_tip[1], h.nose_tip[2] + p.nose_w],       # tip of the nose
-                        [-p.lip_w, p.mouth_y, h.lips_z], [p.lip_w, p.mouth_y, h.lips_z]],  # mouth corners
-                       dtype=torch.float32) * p.scale
-    c2w = cameras.orbit_c2w(0.0, 0.0)
-    uv, _ = cameras.project(pts, cameras.w2c_from_c2w(c2w), cameras.intrinsics(resolution))
-    return (uv - 0.5).double()
-
-
-def align_with_keypoints(img: torch.Tensor, keypoints: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Crop (3, R, R) of ``img`` (3, H, W) by the similarity transform taking ``keypoints`` (5, 2) onto
-    ``face_template(R)``; outside the photo is white. Large photos are first shrunk (antialiased) so the
-    resampling does not alias."""
-    from .identity import umeyama, warp_affine
-
-    kp = torch.as_tensor(keypoints, dtype=torch.float64)
-    M = umeyama(kp, face_template(resolution))
-    scale = float(torch.linalg.det(M[:, :2]).abs().sqrt())
-    if scale < 0.5:                                           # shrink to about twice the output scale first
-        f = 2 * scale
-        H, W = img.shape[-2:]
-        h, w = max(1, round(H * f)), max(1, round(W * f))
-        img = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
-        kp = (kp + 0.5) * torch.tensor([w / W, h / H], dtype=torch.float64) - 0.5
-        M = umeyama(kp, face_template(resolution))
-    return (warp_affine(img.float() - 1.0, M, resolution) + 1.0).clamp(0, 1)   # zero padding -> white
-
-
 def weights_root(weights_dir: str | os.PathLike | None = None) -> Path:
     """Folder of external model files: ``weights_dir``, else ``$SMR_WEIGHTS``, else ``<checkout>/weights``."""
     if weights_dir:
@@ -256,31 +222,29 @@ def weights_root(weights_dir: str | os.PathLike | None = None) -> Path:
 
 
 def align_photo(img: torch.Tensor, resolution: int, weights_dir: str | os.PathLike | None = None,
-                name: str = "the image") -> torch.Tensor:
-    """Detect the face's 5 keypoints (insightface SCRFD) and crop it to the renders' framing (3, R, R)."""
+                name: str = "the image", face_backend: str = "auto", details: dict | None = None) -> torch.Tensor:
+    """Frame a photo like the renders (3, R, R): detect the face, its 5 keypoints, align them onto
+    ``face_template(R)``, whiten the background (``faces.frame_photo``).
+
+    ``face_backend``: ``auto`` (insightface when its detector file is present, else the shipped dlib), ``dlib`` or
+    ``insightface``. ``details`` (a dict) receives the backend, why it was chosen, the faces found and the face box.
+    Raises ``AlignmentError`` (``faces.FaceError``) naming the photo when it cannot be aligned.
+    """
     det_path = weights_root(weights_dir) / DETECTOR
-    if not det_path.exists():
-        raise AlignmentError(
-            f"{name} is not framed like a rig render (square, white background), so it needs aligning, and "
-            f"that needs insightface's face detector with 5 keypoints at\n  {det_path}\n"
-            "(antelopev2's scrfd_10g_bnkps.onnx; put the antelopev2 files there or point $SMR_WEIGHTS / "
-            "weights_dir at the folder holding insightface/antelopev2/, and `pip install -e .[faces]` for "
-            "onnxruntime). For an image that already shows a square, centred head, skip alignment with "
-            "--no-align (align=False).")
-    from .identity import SCRFDDetector
-    try:
-        kp = SCRFDDetector(det_path).keypoints(img)
-    except ImportError as e:
-        raise AlignmentError(f"aligning photos needs onnxruntime ({e}); or pass --no-align") from None
-    if kp is None:
-        raise AlignmentError(f"no face found in {name}; crop it closer to the face, or pass --no-align for a "
-                             "square, centred head image")
-    return align_with_keypoints(img, kp, resolution)
+    backend, reason = choose_backend(face_backend, det_path)
+    framed = frame_photo(img, resolution, backend=backend, name=name, detector_path=det_path)
+    if details is not None:
+        details.update(framed.info(), face_backend_reason=reason)
+    return framed.image
 
 
 def prepare_input(image_or_path, resolution: int, align: bool = True,
-                  weights_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, str]:
-    """Read and frame the input: (3, R, R) in [0, 1] and how it was framed ("render", "as given", "aligned")."""
+                  weights_dir: str | os.PathLike | None = None, face_backend: str = "auto",
+                  details: dict | None = None) -> tuple[torch.Tensor, str]:
+    """Read and frame the input: (3, R, R) in [0, 1] and how it was framed ("render", "as given", "aligned").
+
+    ``details`` (a dict) receives what aligning a photo found (``align_photo``).
+    """
     name = str(image_or_path) if isinstance(image_or_path, (str, os.PathLike)) else None
     img = load_image(image_or_path, name)
     if looks_like_render(img):
@@ -290,7 +254,7 @@ def prepare_input(image_or_path, resolution: int, align: bool = True,
             warnings.warn(f"{name or 'the image'} is {img.shape[-1]}x{img.shape[-2]}, not square; padded with "
                           "white to a square", stacklevel=2)
         return resize_square(img, resolution), "as given"
-    return align_photo(img, resolution, weights_dir, name or "the image"), "aligned"
+    return align_photo(img, resolution, weights_dir, name or "the image", face_backend, details), "aligned"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,7 +609,7 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
          device: str | None = None, *, parts: SpinParts | None = None, model=None, codec=None, encoder=None,
          yaws: Sequence[float] | None = None, input_yaw: float = 0.0, pitch: float = 0.0,
          normals_method: str = "guidance", per_round: int | None = None, weights_dir: str | None = None,
-         progress: bool = True) -> SpinResult:
+         face_backend: str = "auto", on_input=None, progress: bool = True) -> SpinResult:
     """One image in, ``n_views`` consistent views with normal maps and cameras out (steps A, B, C).
 
     image_or_path: a path, PIL image, array or tensor (``load_image``). n_views: views around the head in
@@ -654,6 +618,8 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     ``runs/<profile>``); or inject them: ``parts=SpinParts(...)`` or ``model=``, ``codec=``, ``encoder=``.
     steps, cfg_scale: sampler steps and guidance (default: the profile's). seed: the same seed gives the same spin.
     align: frame photos by their face keypoints (module doc); False uses the image as a square head crop.
+    face_backend: ``auto``, ``dlib`` or ``insightface`` (which detector aligns photos). on_input: called with
+    ``(image (3, R, R), info)`` once the input is framed, before any model loads (the CLI prints the backend).
     """
     t0 = time.perf_counter()
     if run is not None and device:
@@ -665,7 +631,11 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     else:
         P = get_profile(profile or os.environ.get("SMR_PROFILE") or "cpu")
     # read and frame the input first: a bad image fails before any model is loaded or trained
-    img, framing = prepare_input(image_or_path, P.resolution, align=align, weights_dir=weights_dir)
+    face = {}
+    img, framing = prepare_input(image_or_path, P.resolution, align=align, weights_dir=weights_dir,
+                                 face_backend=face_backend, details=face)
+    if on_input is not None:
+        on_input(img, {"framing": framing, **face})
     parts = _resolve_parts(run, P.name, parts, model, codec, encoder, device, progress)
     P, m = parts.profile, parts.model
     dev = parts.device
@@ -716,7 +686,7 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     info = {"framing": framing, "input_yaw": float(input_yaw), "seed": seed, "profile": P.name,
             "steps": steps or P.sample_steps, "cfg_scale": P.cfg_scale if cfg_scale is None else cfg_scale,
             "model_source": parts.source, "normals_method": normals_method,
-            "generated": {"anchors": 7, "intermediates": len(todo)}}
+            "generated": {"anchors": 7, "intermediates": len(todo)}, **face}
     return SpinResult(views, normals, yaw, torch.full_like(yaw, float(pitch)), c2w, K, input=img, latents=lat,
                       seconds=time.perf_counter() - t0, info=info)
 
@@ -800,6 +770,18 @@ def ensure_spin(run: Run, parts: SpinParts | None = None, progress: bool = True)
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
+def _print_framing(name: str):
+    def report(img: torch.Tensor, info: dict) -> None:
+        if info.get("face_backend"):
+            n = info["faces_found"]
+            many = f"; {n} faces found, the largest is used" if n > 1 else "; 1 face found"
+            print(f"{name}: aligned by the {info['face_backend']} face backend [{info['face_backend_reason']}]{many}; "
+                  "background replaced by white", flush=True)
+        else:
+            print(f"{name}: framing {info['framing']!r} (no face alignment)", flush=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m spinmeround_lite.spin",
@@ -812,6 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default="", help="run folder with the trained parts (default: runs/<profile>)")
     ap.add_argument("--no-align", action="store_true",
                     help="use the image as a square, centred head crop (no face detection)")
+    ap.add_argument("--face-backend", default="auto", choices=("auto", "dlib", "insightface"),
+                    help="face detector that aligns photos: auto (insightface when its files are in --weights, "
+                         "else the shipped dlib), dlib or insightface")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the profile's)")
     ap.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same spin)")
@@ -825,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Run.open(args.profile, args.run_dir, notebook="spin", seed=args.seed, device=args.device)
         res = spin(args.input, n_views=args.views, run=run, steps=args.steps, cfg_scale=args.cfg_scale,
                    seed=args.seed, align=not args.no_align, input_yaw=args.yaw, weights_dir=args.weights or None,
-                   progress=not args.quiet)
+                   face_backend=args.face_backend, on_input=_print_framing(args.input), progress=not args.quiet)
     except (FileNotFoundError, ImageError, AlignmentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

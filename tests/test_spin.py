@@ -228,8 +228,11 @@ def test_renders_are_recognised_and_photos_need_alignment(tmp_path):
     assert looks_like_render(render_like())
     assert not looks_like_render(photo_like())
     assert not looks_like_render(torch.ones(3, 32, 40))     # not square
-    with pytest.raises(AlignmentError) as e:
+    with pytest.raises(AlignmentError) as e:                # the shipped dlib backend finds no face in noise
         prepare_input(photo_like(), 32, align=True, weights_dir=tmp_path)
+    assert "no face found in the image" in str(e.value) and "--no-align" in str(e.value)
+    with pytest.raises(AlignmentError) as e:                # insightface asked for, its detector file absent
+        prepare_input(photo_like(), 32, align=True, weights_dir=tmp_path, face_backend="insightface")
     msg = str(e.value)
     assert "scrfd_10g_bnkps.onnx" in msg and "--no-align" in msg and str(tmp_path) in msg
     with pytest.warns(UserWarning, match="not square"):
