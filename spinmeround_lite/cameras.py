@@ -91,6 +91,23 @@ def rig_angles(n_views: int, pitch_band_deg: float = PITCH_BAND_DEG,
     return yaw, pitch
 
 
+def jittered_rig_angles(n_views: int, seed: int, pitch_band_deg: float = PITCH_BAND_DEG
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Yaw and pitch (degrees) of ``n_views`` cameras drawn for one identity: view 0 frontal (0, 0); view ``i`` at
+    yaw ``360 i / n`` moved by up to half a step either way, pitch uniform in ``[-band, band]``.
+
+    A fixed rig shows a model the same ``n`` cameras for every head, so it can learn ``n`` codes instead of a
+    camera; drawing them per identity makes every training sample's cameras new (notebook 07's camera check).
+    """
+    g = torch.Generator().manual_seed(int(seed) % 2**63)
+    i = torch.arange(n_views, dtype=torch.float32)
+    step = 360.0 / max(n_views, 1)
+    yaw = i * step + (torch.rand(n_views, generator=g) - 0.5) * step
+    pitch = (torch.rand(n_views, generator=g) * 2 - 1) * pitch_band_deg
+    yaw[0], pitch[0] = 0.0, 0.0
+    return (yaw + 180.0) % 360.0 - 180.0, pitch
+
+
 def pixel_rays(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """World-space ray origins and unit directions through pixel centres.
 
@@ -119,3 +136,105 @@ def project(points: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor) -> tuple[t
 def world_to_camera_dirs(vectors: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
     """Rotate world vectors (..., 3) into camera axes (OpenCV) of ``c2w`` (4, 4)."""
     return vectors @ c2w[:3, :3]
+
+
+# ----------------------------------------------------------------------------------------------
+# the released SpinMeRound code's camera convention (a named option, used with the released weights)
+# ----------------------------------------------------------------------------------------------
+# The released model was trained with ray maps made by its own camera code, which differs from the course's
+# OpenCV convention in six ways (notebook 02, "Two conventions side by side", shows both):
+#
+# 1. A view is named by three angles in degrees ``a = (a0, a1, a2)``; the world-to-camera rotation is
+#    ``R = Rz(a2) Ry'(a1) Rx(a0)`` where ``Rx``, ``Rz`` are the usual right-handed rotations and ``Ry'`` is the
+#    *transpose* of the usual rotation about y. The translation is always ``(0, 0, 2.7)``: the camera centre
+#    ``-R^T t`` is fixed by the rotation alone.
+# 2. Camera axes are OpenGL's (x right, y up, z backward), and the camera looks along its ``-z``, which points
+#    *away* from the head: the released cameras sit on the far side of the head, looking outward.
+# 3. The focal length is a normalised focal (``1 / (tan(fov / 2) sqrt 2)`` with the approximations
+#    ``pi ~ 3.14159``, ``sqrt 2 ~ 1.414``: 4.2634) applied to integer pixel coordinates of the latent grid, so
+#    the rays of a 64x64 grid fan out over about +-82 degrees instead of the lens's +-6.7.
+# 4. No half-pixel offset: pixel ``(i, j)`` (column, row) looks along ``((i - W/2) / f, -(j - H/2) / f, -1)``.
+# 5. Directions are not normalised (their z is -1 in camera axes); origins are not divided by the radius.
+# 6. Channel order of the encoding: ``x``, then every ``sin(2^k x_j)`` (frequency-major), then every cosine,
+#    computed as ``sin(y + pi / 2)`` (``raymaps.released_encode``).
+#
+# Which angle is which, in the course's words: ``a1`` turns the camera about the world y axis (the turntable;
+# the released demo's "360" mode sweeps it), ``a0`` about the world x axis (up and down), ``a2`` about z.
+# The rays of the released camera at ``(0, a1, 0)`` run exactly along those of the course's rig camera at
+# yaw ``a1``, pitch 0 (``released_c2w`` gives that camera; tests/test_released.py checks it), with origins
+# mirrored through the head centre. Pitch differs: the released ``a0`` turns about the *world* x axis after
+# the yaw, so away from yaw 0 and 180 it tilts the camera sideways rather than lifting it along the orbit.
+RELEASED_FOV_DEG = 18.837
+RELEASED_RADIUS = 2.7
+RELEASED_FOCAL = float(1 / (math.tan(RELEASED_FOV_DEG * 3.14159 / 360) * 1.414))   # 4.2634, as coded there
+
+
+def released_angles(yaw_deg, pitch_deg=0.0, roll_deg=0.0) -> torch.Tensor:
+    """The released code's angles ``(..., 3) = (a0, a1, a2)`` for a course yaw and pitch: ``(pitch, yaw, roll)``."""
+    yaw = torch.as_tensor(yaw_deg, dtype=torch.float32)
+    pitch = torch.as_tensor(pitch_deg, dtype=torch.float32)
+    roll = torch.as_tensor(roll_deg, dtype=torch.float32)
+    yaw, pitch, roll = torch.broadcast_tensors(yaw, pitch, roll)
+    return torch.stack([pitch, yaw, roll], -1)
+
+
+def _released_rotation_one(a: torch.Tensor) -> torch.Tensor:
+    """``Rz(a2) Ry'(a1) Rx(a0)`` (3, 3) for angles in radians (3,), in ``a.dtype``; two ``torch.mm`` as coded."""
+    def rot(i: int, j: int, ang: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(3, 3, dtype=a.dtype)
+        k = 3 - i - j
+        m[k, k] = 1
+        m[i, i], m[j, j] = torch.cos(ang), torch.cos(ang)
+        m[i, j], m[j, i] = -torch.sin(ang), torch.sin(ang)
+        return m
+    rx = rot(1, 2, a[0])                 # the usual rotation about x
+    ry = rot(0, 2, a[1])                 # [[c, 0, -s], [0, 1, 0], [s, 0, c]]: the transpose of the usual one
+    rz = rot(0, 1, a[2])                 # the usual rotation about z
+    return torch.mm(torch.mm(rz, ry), rx)
+
+
+def released_w2c(angles_deg, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """World-to-camera (..., 4, 4) of the released convention: rotation ``Rz Ry' Rx``, translation ``(0, 0, 2.7)``.
+
+    ``angles_deg`` (..., 3) = (a0, a1, a2) in degrees. Computed view by view with the same operations as the
+    released code, so in float32 it matches that code to the last bit.
+    """
+    a = torch.as_tensor(angles_deg, dtype=dtype)
+    flat = a.reshape(-1, 3)
+    out = torch.zeros(len(flat), 4, 4, dtype=dtype)
+    for n, ang in enumerate(flat):
+        out[n, :3, :3] = _released_rotation_one(ang * math.pi / 180)
+        out[n, :3, 3] = torch.tensor([0.0, 0.0, RELEASED_RADIUS], dtype=dtype)
+        out[n, 3, 3] = 1
+    return out.reshape(*a.shape[:-1], 4, 4)
+
+
+def released_c2w(angles_deg, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The course's camera (OpenCV, looking *at* the head) that sees what the released camera ``angles_deg`` names.
+
+    Same viewing direction and image axes as the released camera, on the near side of the head: rotation
+    ``R^T diag(1, -1, -1)`` (OpenGL -> OpenCV axes), centre ``+R^T t`` (the released centre is ``-R^T t``).
+    ``angles_deg`` (..., 3) -> c2w (..., 4, 4) in ``dtype`` (computed in float64). At ``(0, yaw, 0)`` this is
+    ``orbit_c2w(yaw, 0)``.
+    """
+    w2c = released_w2c(angles_deg, torch.float64)
+    Rt = w2c[..., :3, :3].transpose(-1, -2)
+    c2w = torch.zeros_like(w2c)
+    c2w[..., :3, :3] = Rt @ torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+    c2w[..., :3, 3] = (Rt @ w2c[..., :3, 3:])[..., 0]
+    c2w[..., 3, 3] = 1
+    return c2w.to(dtype)
+
+
+def released_w2c_from_c2w(c2w: torch.Tensor) -> torch.Tensor:
+    """The released world-to-camera (..., 4, 4) whose rays run along those of a course camera ``c2w`` (..., 4, 4).
+
+    Only the rotation of ``c2w`` matters (the released translation is always ``(0, 0, 2.7)``):
+    ``R = (c2w_R diag(1, -1, -1))^T``. The inverse of ``released_c2w`` for rig cameras.
+    """
+    flip = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=c2w.dtype))
+    w2c = torch.zeros_like(c2w)
+    w2c[..., :3, :3] = (c2w[..., :3, :3] @ flip).transpose(-1, -2)
+    w2c[..., 2, 3] = RELEASED_RADIUS
+    w2c[..., 3, 3] = 1
+    return w2c

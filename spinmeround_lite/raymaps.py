@@ -31,6 +31,8 @@ direction frequency ``2^7`` resolves to a few pixels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import cameras
@@ -122,3 +124,85 @@ def mask_channel(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """
     mask = torch.as_tensor(mask)
     return mask.float()[..., None, None, None].expand(*mask.shape, 1, h, w).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# the released SpinMeRound code's ray maps (a named option, used with the released weights)
+# ----------------------------------------------------------------------------------------------
+# ``cameras`` (end of the module) lists the six ways the released convention differs from the course's. The
+# functions below compute its ray maps with the same operations in the same order, so that in float32 they
+# agree with the released code's own float32 numbers and in float64 with its float64 ones (tests/test_released.py;
+# the two precisions differ by up to 4e-3 in the highest origin frequencies, 2^12 .. 2^14 times 2.7).
+# Give them float64 (``dtype``) to compare across implementations; the model itself was fed float32.
+CONVENTIONS = ("opencv", "released")
+
+
+def released_encode(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
+    """The released NeRF encoding: x (..., 3) -> (..., 3 + 6 n) = ``[x, sin(2^k x_j) ..., cos(2^k x_j) ...]``.
+
+    All sines come first (frequency-major: ``sin(2^0 x0), sin(2^0 x1), sin(2^0 x2), sin(2^1 x0), ...``), then all
+    cosines in the same order, each computed as ``sin(y + pi / 2)``. (The course's ``nerf_encode`` interleaves
+    sines and cosines per frequency: the same numbers in another order.)
+    """
+    scales = torch.tensor([2 ** i for i in range(n_freqs)], device=x.device)
+    xb = (x[..., None, :] * scales[:, None]).reshape(*x.shape[:-1], -1)
+    return torch.cat([x, torch.sin(torch.cat([xb, xb + math.pi / 2.0], dim=-1))], dim=-1)
+
+
+def released_rays(w2c: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ray origins and (unnormalised) directions (H, W, 3) of one released camera, world-to-camera ``w2c`` (4, 4).
+
+    Pixel ``(i, j)`` (column, row, integers) looks along ``((i - W/2) / f, -(j - H/2) / f, -1)`` in OpenGL
+    camera axes with ``f = cameras.RELEASED_FOCAL``, rotated to the world by ``inverse(w2c)``; every origin is
+    the camera centre. Computed in ``w2c.dtype``.
+    """
+    c2w = torch.linalg.inv(w2c)
+    ii, jj = torch.meshgrid(torch.arange(width, dtype=w2c.dtype), torch.arange(height, dtype=w2c.dtype),
+                            indexing="ij")
+    ii, jj = ii.transpose(-1, -2), jj.transpose(-1, -2)                       # (H, W): column, row
+    f = torch.tensor(cameras.RELEASED_FOCAL, dtype=w2c.dtype)
+    d_cam = torch.stack([(ii - width * 0.5) / f, -(jj - height * 0.5) / f, -torch.ones_like(ii)], dim=-1)
+    d = torch.sum(d_cam[..., None, :] * c2w[:3, :3], dim=-1)                  # R^T d_cam, summed as coded there
+    return c2w[:3, -1].expand(d.shape), d
+
+
+def released_raymap(angles_deg=None, height: int = 64, width: int | None = None, w2c: torch.Tensor | None = None,
+                    origin_freqs: int = ORIGIN_FREQS, dir_freqs: int = DIR_FREQS,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Released ray maps (..., 144, H, W) of cameras named by angles (..., 3) in degrees, or by ``w2c`` (..., 4, 4).
+
+    Channels: ``released_encode(origin, 15)`` (93) then ``released_encode(direction, 8)`` (51), origins and
+    directions as ``released_rays`` gives them (not scaled, not normalised). ``height x width`` is the latent
+    grid (64 x 64 for the released model).
+    """
+    width = width or height
+    if w2c is None:
+        if angles_deg is None:
+            raise ValueError("give the cameras as angles_deg (..., 3) or as w2c (..., 4, 4)")
+        w2c = cameras.released_w2c(angles_deg, dtype)
+    w2c = torch.as_tensor(w2c).to(dtype)
+    flat = w2c.reshape(-1, 4, 4)
+    maps = []
+    for m in flat:
+        o, d = released_rays(m, height, width)
+        maps.append(torch.cat([released_encode(o, origin_freqs), released_encode(d, dir_freqs)], dim=-1))
+    out = torch.stack(maps).permute(0, 3, 1, 2).contiguous()                 # (N, C, H, W)
+    return out.reshape(*w2c.shape[:-2], *out.shape[1:])
+
+
+def raymap_in(convention: str, c2w: torch.Tensor, K: torch.Tensor, image_res: int, latent_res: int,
+              origin_freqs: int = ORIGIN_FREQS, dir_freqs: int = DIR_FREQS,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ray map of course cameras ``c2w`` (..., 4, 4) in a named convention: ``"opencv"`` (the course's,
+    ``raymap``) or ``"released"`` (the released code's, for the released weights).
+
+    For ``"released"`` only the rotation of each ``c2w`` matters and ``K``, ``image_res`` are not used (that
+    convention fixes centre and focal, ``cameras.released_w2c_from_c2w``); ``latent_res`` is the grid side.
+    """
+    if convention == "opencv":
+        return raymap(c2w, K, image_res, latent_res, origin_freqs, dir_freqs).to(dtype)
+    if convention == "released":
+        w2c = cameras.released_w2c_from_c2w(torch.as_tensor(c2w).to(torch.float64))
+        return released_raymap(w2c=w2c, height=latent_res, width=latent_res, origin_freqs=origin_freqs,
+                               dir_freqs=dir_freqs, dtype=dtype)
+    raise ValueError(f"unknown camera convention {convention!r}: choose one of {', '.join(CONVENTIONS)}")
