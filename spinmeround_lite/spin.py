@@ -276,6 +276,10 @@ class SpinParts:
         from .latents import ensure_vae
         from .train import ensure_model
 
+        if run.profile.name == "paper" or run.profile.extra.get("model") == "released":
+            from .released import load_parts  # `paper` runs the released weights
+            model, codec, encoder, profile = load_parts(device=run.device)
+            return cls(model, codec, encoder, profile, "released")
         model, source = ensure_model(run, progress=progress)
         return cls(model.eval(), ensure_vae(run, progress=progress), ensure_encoder(run, "cond", progress=progress),
                    run.profile, source)
@@ -295,6 +299,9 @@ def wrap_yaw(yaw):
 
 def view_rays(profile: Profile, yaws, pitch: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rig cameras at ``yaws`` (..., V) degrees: c2w (..., V, 4, 4), K (3, 3), ray maps (..., V, 144, h, w)."""
+    if profile.extra.get("camera_convention") == "released":          # the released weights' cameras and rays
+        from .released import view_cameras
+        return view_cameras(profile, yaws, pitch)
     yaws = torch.as_tensor(yaws, dtype=torch.float32)
     c2w = cameras.orbit_c2w(yaws, torch.full_like(yaws, float(pitch)))
     K = cameras.intrinsics(profile.resolution)
@@ -374,12 +381,18 @@ def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Te
         K = cameras.intrinsics(profile.resolution)
         rays = raymap(c2w[:, None], K, profile.resolution, profile.latent_res,
                       profile.ray_origin_freqs, profile.ray_dir_freqs)
+    if c2w is not None and profile.extra.get("camera_convention") == "released":
+        from .raymaps import raymap_in
+        rays = raymap_in("released", c2w[:, None], K, profile.resolution, profile.latent_res)
     z_img = z_img.to(device).float()
     shape = (B, 1, 8, h, w)
     known = torch.cat([z_img, torch.zeros_like(z_img)], 1)[:, None]             # (B, 1, 8, h, w)
     M = torch.zeros(1, 1, 8, 1, 1, device=device)
     M[:, :, IMAGE_CHANNELS] = 1.0                                              # known: the 4 image channels
     sigmas = _sigmas(profile, steps)
+    if profile.extra.get("normals_schedule") == "ddpm":              # the released step A: SD's DDPM schedule
+        from .released import ddpm_sigmas
+        sigmas = ddpm_sigmas(steps or profile.sample_steps)
     if method == "guidance":
         eta = sampling.stable_inpaint_step(sigmas) if step is None else step
         guide = sampling.ReconstructionGuidance(known, M, weight=None, step=eta)
@@ -630,6 +643,9 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
         P = run.profile
     else:
         P = get_profile(profile or os.environ.get("SMR_PROFILE") or "cpu")
+    if P.name == "paper" and parts is None and model is None:
+        from .released import require_files  # name every missing file of the released model
+        require_files(weights_dir)
     # read and frame the input first: a bad image fails before any model is loaded or trained
     face = {}
     img, framing = prepare_input(image_or_path, P.resolution, align=align, weights_dir=weights_dir,

@@ -245,3 +245,10 @@ def test_released_profile():
     assert (p.sample_steps, p.cfg_scale, p.sample_sigma_max, p.latent_res) == (50, 3.5, 700.0, 64)
     c2w, K, rays = R.view_cameras(p.replace(resolution=32, vae_channels=(8, 8, 8, 8)), torch.tensor([[0.0, 90.0]]))
     assert rays.shape == (1, 2, 144, 4, 4) and c2w.shape == (1, 2, 4, 4)
+
+
+def test_spin_at_paper_without_weights_names_the_missing_files(tmp_path):
+    import importlib
+    spin_module = importlib.import_module("spinmeround_lite.spin")
+    with pytest.raises(R.MissingWeightsError, match="spinmeround/model.safetensors"):
+        spin_module.spin(torch.rand(3, 64, 64), profile="paper", weights_dir=str(tmp_path), progress=False)
