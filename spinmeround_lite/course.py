@@ -38,6 +38,7 @@ REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
     "07_anchor_sampling": ("views", "spin_seconds", "anchor_ssim", "anchor_psnr"),
     "08_gaussian_splatting": ("splat_psnr_train", "splat_psnr_heldout_views", "gaussians", "fit_seconds", "backend"),
     "09_evaluation": ("l2", "ssim", "lpips", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg"),
+    "11_the_real_model": ("weights_present", "missing_files", "released_model_ran", "released_keys_mapped"),
     "10_your_photo": ("photo_faces_found", "photo_align_backend", "photo_id_distance_by_yaw",
                       "procedural_face_detection_rate"),
     "11_the_real_model": ("weights_present", "missing_files", "released_model_ran", "released_keys_mapped"),
