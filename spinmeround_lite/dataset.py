@@ -60,9 +60,15 @@ def identity_seed(seed: int, index: int) -> int:
 # building
 # ----------------------------------------------------------------------------------------------
 def render_identity(params: HeadParams, views: int, resolution: int, device=None,
-                    chunk: int = 65536) -> dict[str, np.ndarray]:
-    """Render one identity at the rig's ``views`` cameras into the arrays of one ``.npz`` (see the module doc)."""
-    yaw, pitch = cameras.rig_angles(views)
+                    chunk: int = 65536, jitter_seed: int | None = None) -> dict[str, np.ndarray]:
+    """Render one identity at ``views`` cameras into the arrays of one ``.npz`` (see the module doc).
+
+    The cameras are the fixed rig (``cameras.rig_angles``), or, with ``jitter_seed``, drawn for this identity
+    around it (``cameras.jittered_rig_angles``; view 0 stays frontal)."""
+    if jitter_seed is None:
+        yaw, pitch = cameras.rig_angles(views)
+    else:
+        yaw, pitch = cameras.jittered_rig_angles(views, jitter_seed)
     c2w = cameras.orbit_c2w(yaw, pitch)
     K = cameras.intrinsics(resolution)
     out = render_views(params, c2w, K, resolution, resolution, device=device, chunk=chunk)
@@ -89,10 +95,14 @@ def write_identity(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def build_dataset(root: str | Path, profile: Profile | str, seed: int = 0, device=None) -> Path:
-    """Render ``profile.identities`` heads at ``profile.views_per_identity`` views into ``root``.
+    """Render ``profile.identities`` heads (+ ``profile.extra_train_identities``) at ``profile.views_per_identity``
+    views into ``root``.
 
-    The last ``profile.heldout_identities`` identities form the held-out split. Each ``.npz`` is written
-    atomically, ``dataset.json`` last, so a folder with ``dataset.json`` is whole.
+    The last ``profile.heldout_identities`` of the first ``profile.identities`` form the held-out split, so a
+    dataset with extra training identities (the reference models') holds out exactly the heads the course's own
+    dataset holds out; the extras are named after them (``id{identities + j}``) and join the train split. Each
+    ``.npz`` is written atomically, ``dataset.json`` last, so a folder with ``dataset.json`` is whole; a rerun after
+    an interruption keeps the identities already written.
     """
     P = get_profile(profile)
     root = Path(root)
@@ -100,20 +110,26 @@ def build_dataset(root: str | Path, profile: Profile | str, seed: int = 0, devic
     if P.heldout_identities >= P.identities:
         raise ValueError(f"profile {P.name}: heldout_identities ({P.heldout_identities}) must be fewer than "
                          f"identities ({P.identities})")
-    names = [identity_name(i) for i in range(P.identities)]
-    for i in tqdm(range(P.identities), desc=f"rendering {P.identities} heads x {P.views_per_identity} views"):
+    total = P.identities + P.extra_train_identities
+    names = [identity_name(i) for i in range(total)]
+    for i in tqdm(range(total), desc=f"rendering {total} heads x {P.views_per_identity} views"):
+        if (root / f"{names[i]}.npz").exists():
+            continue                                    # written whole (atomic) by an interrupted earlier build
         params = sample_identity(identity_seed(seed, i))
-        arrays = render_identity(params, P.views_per_identity, P.resolution, device=device, chunk=P.render_chunk)
+        arrays = render_identity(params, P.views_per_identity, P.resolution, device=device, chunk=P.render_chunk,
+                                 jitter_seed=identity_seed(seed, i) if P.camera_jitter else None)
         write_identity(root / f"{names[i]}.npz", arrays)
     n_train = P.identities - P.heldout_identities
+    train, heldout = names[:n_train] + names[P.identities:], names[n_train:P.identities]
     write_json(root / "dataset.json", {
         "format": FORMAT,
         "resolution": P.resolution,
         "views_per_identity": P.views_per_identity,
         "identities": names,
-        "splits": {"train": names[:n_train], "heldout": names[n_train:]},
+        "splits": {"train": train, "heldout": heldout},
         "camera_convention": "opencv",
-        "camera": {"radius": cameras.RADIUS, "fov_deg": cameras.FOV_DEG, "pitch_band_deg": cameras.PITCH_BAND_DEG},
+        "camera": {"radius": cameras.RADIUS, "fov_deg": cameras.FOV_DEG, "pitch_band_deg": cameras.PITCH_BAND_DEG,
+                   "per_identity_cameras": bool(P.camera_jitter)},
         "params_names": HeadParams.names(),
         "source": "procedural",
         "profile": P.name,

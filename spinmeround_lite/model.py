@@ -37,6 +37,7 @@ def model_config(profile: Profile | str, sigma_data: float = edm.SIGMA_DATA, pre
     """Everything that fixes the shapes and meaning of a ``SpinModel`` checkpoint of ``profile``."""
     p = get_profile(profile)
     keys = ["resolution", "vae_channels", "vae_latent_channels", "ray_origin_freqs", "ray_dir_freqs",
+            "ray_origin_min_freq_log2", "ray_dir_min_freq_log2",
             "unet_channels", "unet_layers_per_block", "unet_head_dim", "unet_heads", "unet_attn_levels",
             "unet_3d_levels", "text_hidden", "text_layers", "text_heads"]
     cfg = {"kind": KIND, "sigma_data": float(sigma_data), "prediction": prediction, "latent_res": p.latent_res}
@@ -155,6 +156,8 @@ class SpinModel(nn.Module):
         """Load a ``SpinModel`` saved by ``save`` for ``profile``; another configuration -> ``CheckpointError``."""
         p = get_profile(profile)
         state, found = load_checkpoint(folder, device="cpu")
+        for k in ("ray_origin_min_freq_log2", "ray_dir_min_freq_log2"):   # checkpoints from before these settings
+            found.setdefault(k, 0)
         check_config(found, {k: v for k, v in model_config(p).items() if k not in ("sigma_data", "prediction")},
                      where=folder)
         model = cls.from_config(p, found)

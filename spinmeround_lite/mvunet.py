@@ -18,8 +18,11 @@ regroups the tokens so that the views of a sample attend to each other, with the
 
     (B * V, L, C)  ->  (B, V * L, C)  ->  softmax(Q K^T / sqrt(d)) V  ->  (B * V, L, C)
 
-This runs at every level but the finest (``levels_3d = -1``; the paper: latents of 32x32 and below with 64x64
-latents), where ``V * L`` stays small enough. The released SpinMeRound code *replaces* the 2D self-attention of
+This runs wherever the feature map is at most 32x32 (``levels_3d = -1``, the paper's absolute rule: with its
+64x64 latents every level but the finest; with the course's 16x16 latents every level), where ``V * L`` stays
+small enough. An earlier version of this course took "all but the finest" for the rule; at 16x16 latents that left
+the only level that sees the face at full latent resolution blind to the other views (notebook 07, "is the model
+using its cameras and its input?"). The released SpinMeRound code *replaces* the 2D self-attention of
 those levels by the 3D one (this module does the same: no new weights, so a 2D checkpoint loads unchanged),
 while the paper's summary describes 3D layers *inserted* between the 2D ones. Notebook 04 shows both ideas.
 
@@ -176,13 +179,20 @@ def level_of(name: str, num_levels: int) -> int:
     raise ValueError(f"{name!r} belongs to no level of the UNet")
 
 
-def resolve_levels_3d(levels_3d: int | Iterable[int], num_levels: int) -> set[int]:
+MAX_3D_SIDE = 32   # 3D attention wherever the feature map is at most 32x32 (METHOD.md section 3)
+
+
+def resolve_levels_3d(levels_3d: int | Iterable[int], num_levels: int, latent_res: int | None = None) -> set[int]:
     """Which levels get 3D self-attention.
 
-    An int ``k`` means the ``k`` coarsest levels (``-1``: all but the finest, the paper's choice; ``0``: none, a
-    plain 2D UNet run per view); a list names the levels (0 = finest).
+    ``-1`` is the paper's rule, an absolute one: every level whose feature map is at most ``MAX_3D_SIDE`` (32) on a
+    side, level ``l`` being ``latent_res / 2^l`` (with the paper's 64x64 latents: all but the finest; with 16x16
+    latents: every level). Without ``latent_res`` it falls back to "all but the finest". An int ``k >= 0`` means
+    the ``k`` coarsest levels (``0``: none, a plain 2D UNet run per view); a list names the levels (0 = finest).
     """
     if isinstance(levels_3d, int):
+        if levels_3d < 0 and latent_res:
+            return {lv for lv in range(num_levels) if latent_res / 2 ** lv <= MAX_3D_SIDE}
         k = num_levels - 1 if levels_3d < 0 else min(levels_3d, num_levels)
         return set(range(num_levels - k, num_levels))
     levels = {int(x) for x in levels_3d}
@@ -228,7 +238,7 @@ class MultiViewUNet(nn.Module):
     def set_attention(self, levels_3d: int | Iterable[int] | None = None, attention: str | None = None) -> None:
         """Install processors: 3D self-attention at ``levels_3d``, ``"fused"`` or ``"naive"`` attention."""
         if levels_3d is not None:
-            self.levels_3d = resolve_levels_3d(levels_3d, self.num_levels)
+            self.levels_3d = resolve_levels_3d(levels_3d, self.num_levels, self.unet.config.sample_size)
         if attention is not None:
             if attention not in ("fused", "naive"):
                 raise ValueError(f"attention must be 'fused' or 'naive', not {attention!r}")

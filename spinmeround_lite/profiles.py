@@ -23,7 +23,9 @@ class Profile:
     identities: int                     # procedural identities in all
     heldout_identities: int             # of those, kept out of every training (evaluation only)
     views_per_identity: int             # rig views per identity (125 in the paper)
+    extra_train_identities: int = 0     # more training heads beyond ``identities`` (reference models train on more)
     render_chunk: int = 65536           # rays per sphere-tracing chunk (memory bound)
+    camera_jitter: bool = True          # cameras drawn per identity around the rig (False: the same rig for all)
     # --- identity encoders and context (notebook 01) -------------------------------------
     id_input_res: int = 64              # face crop side fed to the learned encoders
     id_width: int = 32                  # base width of the conditioning encoder CNN
@@ -36,6 +38,8 @@ class Profile:
     # --- ray maps (notebook 02) ----------------------------------------------------------
     ray_origin_freqs: int = 15
     ray_dir_freqs: int = 8
+    ray_origin_min_freq_log2: int = 0   # origin ladder 2^m .. 2^(m+14); 0 = NeRF's (the released model's)
+    ray_dir_min_freq_log2: int = 0      # direction ladder 2^m .. 2^(m+7)
     # --- autoencoder (notebook 03) -------------------------------------------------------
     vae_channels: tuple = (32, 64, 64)  # AutoencoderKL block_out_channels (down factor 2**(len-1))
     vae_latent_channels: int = 4
@@ -69,6 +73,7 @@ class Profile:
     sample_sigma_min: float = 0.002     # Karras schedule range; the released sampler uses 0.002 .. 700,
     sample_sigma_max: float = 80.0      # EDM 80 (about what the training noise distribution reaches)
     spin_per_round: int = 5             # step C: target views per round (with 3 conditioning views: 8)
+    check_heads: int = 6                # held-out heads of notebook 07's checks (teacher forcing, sweep, swap)
     # --- splatting (notebook 08) ---------------------------------------------------------
     splat_iters: int = 600
     splat_init_gaussians: int = 4000
@@ -97,17 +102,19 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "test": Profile(
         name="test", resolution=32, identities=10, heldout_identities=3, views_per_identity=16,
+        ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=-2,
         id_input_res=16, id_width=8, id_eval_width=12, id_train_steps=40, id_batch=32,
         text_hidden=32, text_layers=1, text_heads=2,
         vae_channels=(16, 32, 32), vae_steps=30, vae_batch=8,
         unet_channels=(16, 32), unet_head_dim=8,
         views_per_sample=4, train_steps=12, batch_size=1, checkpoint_every=6, sample_every=6,
-        sample_steps=4, spin_views=16,
+        sample_steps=4, spin_views=16, check_heads=2,
         splat_iters=60, splat_init_gaussians=500, splat_res=32,
         eval_identities=2, eval_angles=4, ablation_steps=6,
     ),
     "cpu": Profile(
         name="cpu", resolution=64, identities=64, heldout_identities=8, views_per_identity=40,
+        ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=-1,
         id_input_res=32, id_width=16, id_eval_width=24, id_train_steps=400, id_batch=64,
         text_hidden=64, text_layers=2, text_heads=2,
         vae_channels=(32, 64, 64), vae_steps=400, vae_batch=16,   # the size of reference/cpu/vae
@@ -121,6 +128,7 @@ PROFILES: dict[str, Profile] = {
     "gpu": Profile(
         name="gpu", resolution=128, identities=600, heldout_identities=40, views_per_identity=125,
         render_chunk=1 << 20,
+        ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=0,
         id_input_res=64, id_width=32, id_eval_width=48, id_train_steps=3000, id_batch=256,
         text_hidden=256, text_layers=4, text_heads=4,
         vae_channels=(64, 128, 128), vae_steps=4000, vae_batch=64,

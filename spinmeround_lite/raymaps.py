@@ -51,15 +51,17 @@ def raymap_channels(origin_freqs: int = ORIGIN_FREQS, dir_freqs: int = DIR_FREQS
     return encoded_channels(origin_freqs) + encoded_channels(dir_freqs)
 
 
-def nerf_encode(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
+def nerf_encode(x: torch.Tensor, n_freqs: int, min_freq_log2: int = 0) -> torch.Tensor:
     """NeRF positional encoding ``gamma(x)``. x (..., 3) -> (..., 3 + 6 * n_freqs).
 
-    Order: ``x``, then for ``k = 0 .. n_freqs - 1`` the three ``sin(2^k x_j)`` followed by the three
-    ``cos(2^k x_j)`` (see the module docstring for channel indices).
+    Order: ``x``, then for ``k = 0 .. n_freqs - 1`` the three ``sin(f_k x_j)`` followed by the three
+    ``cos(f_k x_j)`` (see the module docstring for channel indices), ``f_k = 2^(min_freq_log2 + k)``
+    (NeRF's ladder ``2^0 .. 2^(n-1)`` with the default 0; a negative start moves the whole ladder down an octave
+    per step, same channel count).
     """
     if x.shape[-1] != 3:
         raise ValueError(f"nerf_encode expects 3-vectors (..., 3), got shape {tuple(x.shape)}")
-    freqs = 2.0 ** torch.arange(n_freqs, dtype=x.dtype, device=x.device)   # (n,)
+    freqs = 2.0 ** (torch.arange(n_freqs, dtype=x.dtype, device=x.device) + min_freq_log2)   # (n,)
     xf = x[..., None, :] * freqs[:, None]                                    # (..., n, 3)
     sc = torch.cat([torch.sin(xf), torch.cos(xf)], dim=-1)                   # (..., n, 6)
     return torch.cat([x, sc.flatten(-2)], dim=-1)
@@ -97,15 +99,30 @@ def latent_rays(c2w: torch.Tensor, K: torch.Tensor, image_res: int, latent_res: 
 
 def raymap(c2w: torch.Tensor, K: torch.Tensor, image_res: int, latent_res: int,
            origin_freqs: int = ORIGIN_FREQS, dir_freqs: int = DIR_FREQS,
-           radius: float = cameras.RADIUS) -> torch.Tensor:
+           radius: float = cameras.RADIUS, origin_min_freq_log2: int = 0, dir_min_freq_log2: int = 0
+           ) -> torch.Tensor:
     """The ray map of each view. c2w (..., 4, 4), K (..., 3, 3) or (3, 3) -> (..., 144, h, w).
 
-    Channels: ``nerf_encode(o / radius, origin_freqs)`` then ``nerf_encode(d, dir_freqs)``
-    (93 + 51 = 144 with the defaults). ``h = w = latent_res``; ``K`` is in pixels of the ``image_res`` image.
+    Channels: ``nerf_encode(o / radius, origin_freqs, origin_min_freq_log2)`` then
+    ``nerf_encode(d, dir_freqs, dir_min_freq_log2)`` (93 + 51 = 144 with the defaults). ``h = w = latent_res``;
+    ``K`` is in pixels of the ``image_res`` image. The ``*_min_freq_log2`` start the frequency ladders lower
+    (``profile_raymap`` reads them from a profile; module docstring, "Which frequencies").
     """
     o, d = latent_rays(c2w, K, image_res, latent_res)                        # (..., h, w, 3) each
-    enc = torch.cat([nerf_encode(o / radius, origin_freqs), nerf_encode(d, dir_freqs)], dim=-1)
+    enc = torch.cat([nerf_encode(o / radius, origin_freqs, origin_min_freq_log2),
+                     nerf_encode(d, dir_freqs, dir_min_freq_log2)], dim=-1)
     return enc.movedim(-1, -3).contiguous()                                  # (..., C, h, w)
+
+
+def profile_raymap(profile, c2w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """``raymap`` with every setting read from a profile (resolution, latent resolution, both frequency ladders).
+
+    The one call the trainer, the samplers and the evaluation use, so a model always sees the ray maps it was
+    trained with. c2w (..., 4, 4), K (..., 3, 3) or (3, 3) -> (..., 144, h, w).
+    """
+    return raymap(c2w, K, profile.resolution, profile.latent_res, profile.ray_origin_freqs, profile.ray_dir_freqs,
+                  origin_min_freq_log2=profile.ray_origin_min_freq_log2,
+                  dir_min_freq_log2=profile.ray_dir_min_freq_log2)
 
 
 def decode_rays(rm: torch.Tensor, origin_freqs: int = ORIGIN_FREQS, radius: float = cameras.RADIUS

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from . import cameras, sampling
 from .faces import FaceError, align_with_keypoints, choose_backend, face_template, frame_photo  # noqa: F401
 from .profiles import Profile, get_profile
-from .raymaps import raymap
+from .raymaps import profile_raymap
 from .runs import Run, atomic_path, find_repo_root, write_gif, write_json
 
 IMAGE_CHANNELS = slice(0, 4)         # latent channels of the image
@@ -305,7 +305,7 @@ def view_rays(profile: Profile, yaws, pitch: float = 0.0) -> tuple[torch.Tensor,
     yaws = torch.as_tensor(yaws, dtype=torch.float32)
     c2w = cameras.orbit_c2w(yaws, torch.full_like(yaws, float(pitch)))
     K = cameras.intrinsics(profile.resolution)
-    rays = raymap(c2w, K, profile.resolution, profile.latent_res, profile.ray_origin_freqs, profile.ray_dir_freqs)
+    rays = profile_raymap(profile, c2w, K)
     return c2w, K, rays
 
 
@@ -379,8 +379,7 @@ def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Te
     else:
         c2w = torch.as_tensor(c2w, dtype=torch.float32).reshape(-1, 4, 4).expand(B, 4, 4)
         K = cameras.intrinsics(profile.resolution)
-        rays = raymap(c2w[:, None], K, profile.resolution, profile.latent_res,
-                      profile.ray_origin_freqs, profile.ray_dir_freqs)
+        rays = profile_raymap(profile, c2w[:, None], K)
     if c2w is not None and profile.extra.get("camera_convention") == "released":
         from .raymaps import raymap_in
         rays = raymap_in("released", c2w[:, None], K, profile.resolution, profile.latent_res)

@@ -55,7 +55,7 @@ from . import edm
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .model import SpinModel, model_config
 from .profiles import Profile
-from .raymaps import raymap
+from .raymaps import profile_raymap
 from .runs import Run, read_json, write_json
 
 P_UNCOND = 0.15          # classifier-free guidance dropout (paper)
@@ -138,7 +138,7 @@ class TrainData:
     """
 
     def __init__(self, run: Run, progress: bool = True, cond_views: int | None = None, use_identity: bool = True,
-                 image_only: bool = False):
+                 image_only: bool = False, identities: list[str] | None = None):
         from .dataset import HeadDataset, ensure_dataset
         from .identity import ensure_encoder
         from .latents import ensure_latent_cache
@@ -147,6 +147,10 @@ class TrainData:
         self.cond_views, self.use_identity, self.image_only = cond_views, bool(use_identity), bool(image_only)
         root = ensure_dataset(run)
         self.train = HeadDataset(root, split="train", cache=False)      # training reads the latent cache;
+        self.train_ids = list(self.train.ids) if identities is None else [str(i) for i in identities]
+        unknown = sorted(set(self.train_ids) - set(self.train.ids))
+        if unknown:
+            raise ValueError(f"identities {unknown[:5]} are not training identities of {root}")
         self.heldout = HeadDataset(root, split="heldout", cache=False)  # renders only once, for cameras
         self.cache = ensure_latent_cache(run, progress=progress)
         self.resolution = self.train.resolution
@@ -187,8 +191,7 @@ class TrainData:
         """Ray maps (P,144,h,w) of views ``idx`` of identity ``i``."""
         c2w, K, _, _ = self.camera(ds, i)
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return raymap(c2w[idx], K[idx], self.resolution, self.latent_res,
-                      self.profile.ray_origin_freqs, self.profile.ray_dir_freqs)
+        return profile_raymap(self.profile, c2w[idx], K[idx])
 
     def latents(self, name: str, idx, background: bool = False) -> torch.Tensor:
         """Clean latents (P,8,h,w) = [image | normal] of views ``idx``; ``background``: random-colour renders."""
@@ -202,7 +205,7 @@ class TrainData:
         P, ds = self.P, self.train
         x0, mask, rays, emb, drop, bg, names, views = [], [], [], [], [], [], [], []
         for _ in range(B):
-            i = int(torch.randint(len(ds), (1,), generator=g))
+            i = ds.ids.index(self.train_ids[int(torch.randint(len(self.train_ids), (1,), generator=g))])
             idx = torch.randperm(ds.views_per_identity, generator=g)[:P].tolist()
             if self.cond_views is not None:
                 n_cond = int(self.cond_views)
@@ -235,7 +238,10 @@ class TrainData:
 
     def options(self) -> dict:
         """The recipe options, as recorded in the model's config."""
-        return {"cond_views": self.cond_views, "use_identity": self.use_identity, "image_only": self.image_only}
+        opts = {"cond_views": self.cond_views, "use_identity": self.use_identity, "image_only": self.image_only}
+        if len(self.train_ids) != len(self.train.ids):
+            opts["train_identities"] = self.train_ids          # a run on some heads only (the overfit check)
+        return opts
 
 
 def module_fingerprint(module) -> str:
@@ -524,7 +530,7 @@ def final_loss_of(losses: list[float]) -> float:
 
 def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = None, resume: bool = True,
           progress: bool = True, stop_after: int | None = None, grids: bool = True, cond_views: int | None = None,
-          use_identity: bool = True, image_only: bool = False) -> TrainResult:
+          use_identity: bool = True, image_only: bool = False, identities: list[str] | None = None) -> TrainResult:
     """Train a ``SpinModel`` for ``steps`` optimizer steps (``profile.train_steps``) into ``out``.
 
     ``out`` defaults to ``run.model_dir("spin")``; it receives ``checkpoints/``, ``samples/step_*.png``,
@@ -561,7 +567,7 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
 
     with accelerator.main_process_first():                # the main process builds missing artifacts first
         data = TrainData(run, progress=progress and main, cond_views=cond_views, use_identity=use_identity,
-                         image_only=image_only)
+                         image_only=image_only, identities=identities)
     options = dict(data.options(), **data.fingerprints)    # checked on resume, recorded in every checkpoint
     torch.manual_seed(run.seed)                           # the initial weights depend on the seed only
     model = SpinModel.from_profile(p)

@@ -48,7 +48,7 @@ def test_shapes_and_channels(model):
     y = model(x, c, ctx)
     assert y.shape == (2, 3, OUT_CHANNELS, H, H)
     assert model.in_channels == 153 and model.out_channels == 8
-    assert model.levels_3d == {1}                                    # all but the finest of 2 levels
+    assert model.levels_3d == {0, 1}                                 # 8x8 latents: every level is <= 32x32
     with pytest.raises(ValueError, match="channels"):
         model(x[:, :, :10], c, ctx)
 
@@ -180,11 +180,14 @@ def test_levels_and_counts():
     assert level_of("down_blocks.0.attentions.0.transformer_blocks.0.attn1", 3) == 0
     assert level_of("up_blocks.0.attentions.1", 3) == 2 and level_of("mid_block.attentions.0", 3) == 2
     assert resolve_levels_3d(-1, 4) == {1, 2, 3} and resolve_levels_3d(0, 4) == set()
+    # the paper's absolute rule: levels of at most 32x32 (64x64 latents: all but the finest; 16x16: all)
+    assert resolve_levels_3d(-1, 4, latent_res=64) == {1, 2, 3}
+    assert resolve_levels_3d(-1, 3, latent_res=16) == {0, 1, 2}
     assert resolve_levels_3d(1, 4) == {3} and resolve_levels_3d([0, 2], 4) == {0, 2}
     sd_like = get_profile("test").replace(unet_channels=(8, 16, 16, 16), unet_heads=2, unet_attn_levels=(0, 1, 2))
     cfg = unet_config(sd_like)
     assert cfg["down_block_types"][-1] == "DownBlock2D" and cfg["up_block_types"][0] == "UpBlock2D"
-    m = MultiViewUNet(__import__("diffusers").UNet2DConditionModel(**cfg))
+    m = MultiViewUNet(__import__("diffusers").UNet2DConditionModel(**cfg), levels_3d=[1, 2, 3])
     joint = {n for n, p in m.unet.attn_processors.items() if p.joint}
     assert joint and all(".attn1." in n and not n.startswith("down_blocks.0") and not n.startswith("up_blocks.3")
                          for n in joint)

@@ -1,0 +1,256 @@
+"""Is the model using its cameras and its input? Three checks every reader of a multi-view paper should run.
+
+Notebook 07 teaches them; ``tests/test_checks.py`` keeps them from coming back. A multi-view diffusion model can
+reach a low training loss while ignoring half of what it is given: it can draw the *average* head turned roughly
+the right way, or the right head always from the front. Loss curves do not show it; these checks do.
+
+1. **Teacher forcing** (``teacher_forced``). For each head, the true frontal view is given (clean latents,
+   mask 1) and the other ``P - 1`` views of a spread around the head (yaw ``360 k / P``) are generated, exactly as
+   the trainer's sample grids do. Against the true renders we measure SSIM, L2 and the normal-map angle error, and
+   the same for the *mean training head* at those cameras (a model that ignores its input cannot beat it). Then two
+   retrieval scores, each with its chance level:
+
+   * ``pose_accuracy``: for each generated view, which of the *same head's* true views (the sample's yaws) is
+     nearest by normal-map angle error; the fraction where that is the view at its own camera
+     (chance ``1 / P``: a camera-blind model sits there);
+   * ``identity_accuracy``: for each generated view, which of the heads' true views *at the same yaw* is nearest by
+     RGB L2; the fraction where that is the head whose frontal view was given (chance ``1 / heads``).
+
+2. **Camera sweep** (``camera_sweep``). One head, one seed, one noise, the same conditioning; only the yaw of one
+   target view's ray map changes. The generated views must turn with it: ``sweep_accuracy`` is the fraction of yaws
+   whose generated normal map is nearest to the true normal map at that yaw (among the sweep's yaws).
+
+3. **Identity swap** (``identity_swap``). The same targets, noise and identity embedding, but the conditioning view
+   of head ``b`` replaced by the frontal view of another head ``b'``. If the model reads its input view, the targets'
+   colours and hair follow ``b'``: ``swap_follow`` is the fraction of generated views nearer (RGB L2) to ``b'``'s
+   true view than to ``b``'s.
+
+Truth comes from rendering the heads' parameters at the exact cameras (``render.render_views``), so the checks do not
+depend on which rig views a dataset happens to hold. Images are ``(N, 3, H, W)`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import cameras, metrics, sampling
+from .raymaps import profile_raymap
+
+
+# ----------------------------------------------------------------------------------------------
+# truth
+# ----------------------------------------------------------------------------------------------
+def render_at(params, yaws, resolution: int, pitch=0.0, chunk: int = 65536) -> dict:
+    """True views of one head at ``yaws`` (A,) degrees and ``pitch`` (a number or (A,)): rgb (A,3,H,W), alpha (A,1,H,W),
+    normal (A,3,H,W) (unit, camera space, 0 on background), normal_rgb (A,3,H,W), c2w (A,4,4), K (3,3)."""
+    from .render import normal_to_rgb, render_views
+
+    yaws = torch.as_tensor(yaws, dtype=torch.float32).reshape(-1)
+    c2w = cameras.orbit_c2w(yaws, torch.as_tensor(pitch, dtype=torch.float32).expand_as(yaws))
+    K = cameras.intrinsics(resolution)
+    out = render_views(params, c2w, K, resolution, resolution, chunk=chunk)
+    return {"rgb": out["rgb"].float().permute(0, 3, 1, 2).clamp(0, 1).contiguous(),
+            "alpha": out["alpha"].float()[:, None].contiguous(),
+            "normal": F.normalize(out["normal"].float().permute(0, 3, 1, 2), dim=1).contiguous(),
+            "normal_rgb": normal_to_rgb(out["normal"], out["alpha"]).float().permute(0, 3, 1, 2).contiguous(),
+            "c2w": c2w, "K": K}
+
+
+def spread_yaws(P: int) -> torch.Tensor:
+    """``P`` yaws around the head: ``0, 360/P, ...`` wrapped to [-180, 180) (view 0 frontal)."""
+    y = torch.arange(P, dtype=torch.float32) * 360.0 / P
+    return (y + 180.0) % 360.0 - 180.0
+
+
+def normal_distance(pred_rgb: torch.Tensor, true_rgb: torch.Tensor, true_alpha: torch.Tensor) -> torch.Tensor:
+    """Mean normal-map angle error (degrees) between normal *images* (N,3,H,W) over the head pixels of either.
+
+    The generated head's pixels are those whose decoded normal image is not background white; a background pixel
+    decodes to the vector (1,1,1)/sqrt(3), so a head drawn where the truth has none (or the reverse) costs its
+    angle. -> (N,).
+    """
+    pv = metrics.normal_rgb_to_vec(pred_rgb)
+    tv = metrics.normal_rgb_to_vec(true_rgb)
+    gen_mask = (pred_rgb.min(dim=1, keepdim=True).values < 0.9).float()
+    mask = torch.maximum(gen_mask, (true_alpha > 0.5).float())
+    return metrics.normal_angle_error_deg(pv, tv, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# generation with the true frontal view given
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Heads:
+    """Heads to check: their parameters, identity embeddings and true views at ``yaws``."""
+    params: list                # one parameter vector (D,) per head
+    id_emb: torch.Tensor        # (N, 512)
+    yaws: torch.Tensor          # (P,) degrees; yaws[0] = 0 is the given view
+    pitches: torch.Tensor       # (P,) degrees
+    truth: dict                 # rgb/alpha/normal/normal_rgb (N, P, ., H, W)
+
+
+def make_heads(params: list, encoder, yaws: torch.Tensor, resolution: int, pitches: torch.Tensor | None = None,
+               chunk: int = 65536) -> Heads:
+    """Render every head at ``yaws`` and ``pitches`` (default 0) and embed its view 0 with the ``cond`` encoder."""
+    yaws = torch.as_tensor(yaws, dtype=torch.float32)
+    pitches = torch.zeros_like(yaws) if pitches is None else torch.as_tensor(pitches, dtype=torch.float32)
+    views = [render_at(p, yaws, resolution, pitch=pitches, chunk=chunk) for p in params]
+    truth = {k: torch.stack([v[k] for v in views]) for k in ("rgb", "alpha", "normal", "normal_rgb")}
+    with torch.no_grad():
+        emb = encoder.embed(truth["rgb"][:, 0]).float().cpu()
+    return Heads(list(params), emb, yaws, pitches, truth)
+
+
+def _rays(profile, yaws: torch.Tensor, pitches: torch.Tensor | None = None) -> torch.Tensor:
+    """Ray maps (len(yaws), 144, h, w) of orbit cameras at ``yaws`` and ``pitches`` (default 0) in degrees."""
+    c2w = cameras.orbit_c2w(yaws, torch.zeros_like(yaws) if pitches is None else pitches)
+    return profile_raymap(profile, c2w, cameras.intrinsics(profile.resolution))
+
+
+def frontal_latents(codec, rgb: torch.Tensor, normal_rgb: torch.Tensor) -> torch.Tensor:
+    """Clean latents (B,8,h,w) = [image | normal] of frontal views given as images (B,3,H,W) each."""
+    return torch.cat([codec.encode(rgb), codec.encode(normal_rgb)], dim=1).float().cpu()
+
+
+@torch.no_grad()
+def generate(model, codec, profile, cond_latents: torch.Tensor, id_emb: torch.Tensor | None, yaw_rows: torch.Tensor,
+             seed: int = 0, steps: int | None = None, cfg_scale: float | None = None,
+             noise_seeds: list[int] | None = None, pitch_rows: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of ``B`` samples with view 0 given: ``cond_latents`` (B,8,h,w) its clean latents (true image and normal
+    latents, as in training), ``yaw_rows`` (B,P) the yaw of every view of each sample (``[:, 0]`` the given one).
+
+    Euler on the profile's Karras schedule with classifier-free guidance (``profile.cfg_scale``), one generator
+    per sample seeded ``seed + b`` (``noise_seeds`` overrides: equal seeds give equal noise). Returns the decoded
+    rgb and normal images, each (B,P,3,H,W) in [0, 1].
+    """
+    B, P = yaw_rows.shape
+    h = profile.latent_res
+    device = next(model.parameters()).device
+    cond = torch.zeros(B, P, 8, h, h)
+    cond[:, 0] = cond_latents
+    mask = torch.zeros(B, P, dtype=torch.bool)
+    mask[:, 0] = True
+    pitch_rows = torch.zeros_like(yaw_rows) if pitch_rows is None else pitch_rows
+    rays = torch.stack([_rays(profile, y, q) for y, q in zip(yaw_rows.float(), pitch_rows.float())])
+    cond, mask, rays = cond.to(device), mask.to(device), rays.to(device)
+    emb = None if id_emb is None else id_emb.to(device)
+    scale = profile.cfg_scale if cfg_scale is None else cfg_scale
+    denoise = sampling.cfg_denoiser(model, cond, mask, rays, emb, scale=scale)
+    sigmas = sampling.profile_sigmas(profile, steps or profile.sample_steps)
+    seeds = noise_seeds if noise_seeds is not None else [seed + b for b in range(B)]
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x0 = sampling.sample(denoise, cond.shape, sigmas, gens, solver="euler", cond=cond, mask=mask, device=device)
+    H = profile.resolution
+    img = codec.decode(x0[:, :, :4].flatten(0, 1).to(codec.device)).float().cpu().view(B, P, 3, H, H)
+    nrm = codec.decode(x0[:, :, 4:].flatten(0, 1).to(codec.device)).float().cpu().view(B, P, 3, H, H)
+    return img.clamp(0, 1), nrm.clamp(0, 1)
+
+
+def mean_head(truth: dict) -> dict:
+    """The mean of heads' true views (N,P,...) over the heads: rgb (P,3,H,W) and normal_rgb (P,3,H,W)."""
+    a = truth["alpha"]
+    n = (truth["normal"] * a).sum(0)
+    n = torch.where(n.norm(dim=1, keepdim=True) > 1e-6, F.normalize(n, dim=1), torch.zeros_like(n))
+    cover = a.mean(0)
+    nrgb = torch.where(cover > 0.5, (n + 1) / 2, torch.ones_like(n))
+    return {"rgb": truth["rgb"].mean(0), "normal_rgb": nrgb, "alpha": cover}
+
+
+@torch.no_grad()
+def teacher_forced(model, codec, profile, heads: Heads, mean_of: Heads | None = None, seed: int = 0,
+                   steps: int | None = None) -> dict:
+    """The teacher-forced check (module docstring, 1) on ``heads``; ``mean_of``: training heads for the mean head.
+
+    Returns the figures (``teacher_forced_ssim``, ``_l2``, ``_normal_err_deg``, the mean head's, ``pose_accuracy``,
+    ``identity_accuracy`` with their chance levels) and the pictures' tensors (``rgb``, ``normal``: (N,P,3,H,W)).
+    """
+    N, P = heads.truth["rgb"].shape[:2]
+    cond = frontal_latents(codec, heads.truth["rgb"][:, 0], heads.truth["normal_rgb"][:, 0])
+    rows = heads.yaws[None].expand(N, P)
+    rgb, nrm = generate(model, codec, profile, cond, heads.id_emb, rows, seed=seed, steps=steps,
+                        pitch_rows=heads.pitches[None].expand(N, P))
+    t = heads.truth
+    tgt = slice(1, P)
+    flat = lambda x: x[:, tgt].flatten(0, 1)
+    ssim = metrics.ssim(flat(rgb), flat(t["rgb"]))
+    l2 = metrics.l2(flat(rgb), flat(t["rgb"]))
+    nerr = normal_distance(flat(nrm), flat(t["normal_rgb"]), flat(t["alpha"]))
+    out = {"teacher_forced_ssim": ssim.mean().item(), "teacher_forced_l2": l2.mean().item(),
+           "teacher_forced_normal_err_deg": nerr.mean().item()}
+    if mean_of is not None:
+        mh = mean_head(mean_of.truth)
+        mh_rgb = mh["rgb"][None].expand(N, -1, -1, -1, -1)
+        mh_n = mh["normal_rgb"][None].expand(N, -1, -1, -1, -1)
+        out["teacher_forced_mean_head_ssim"] = metrics.ssim(flat(mh_rgb), flat(t["rgb"])).mean().item()
+        out["teacher_forced_mean_head_l2"] = metrics.l2(flat(mh_rgb), flat(t["rgb"])).mean().item()
+        out["teacher_forced_mean_head_normal_err_deg"] = normal_distance(
+            flat(mh_n), flat(t["normal_rgb"]), flat(t["alpha"])).mean().item()
+    # pose: generated (b, v) against the same head's true normals at every yaw of the sample
+    pose_hits = []
+    for b in range(N):
+        for v in range(1, P):
+            d = normal_distance(nrm[b, v][None].expand(P, -1, -1, -1), t["normal_rgb"][b], t["alpha"][b])
+            pose_hits.append(int(d.argmin()) == v)
+    # identity: generated (b, v) against every head's true RGB at yaw v
+    id_hits = []
+    for v in range(1, P):
+        for b in range(N):
+            d = metrics.l2(rgb[b, v][None].expand(N, -1, -1, -1), t["rgb"][:, v])
+            id_hits.append(int(d.argmin()) == b)
+    out.update(pose_accuracy=sum(pose_hits) / len(pose_hits), pose_chance=1.0 / P,
+               identity_accuracy=sum(id_hits) / len(id_hits), identity_chance=1.0 / N,
+               heads=N, views=P)
+    return {"figures": out, "rgb": rgb, "normal": nrm}
+
+
+@torch.no_grad()
+def camera_sweep(model, codec, profile, heads: Heads, sweep_yaws, head: int = 0, seed: int = 0,
+                 steps: int | None = None) -> dict:
+    """The camera sweep (module docstring, 2): view 1 of one sample moves through ``sweep_yaws`` (S,); the given
+    view, the other targets, the identity and the noise stay the same. Returns ``sweep_accuracy`` (and chance
+    ``1 / S``), the generated and true rgb/normal images (S,3,H,W)."""
+    sweep = torch.as_tensor(sweep_yaws, dtype=torch.float32).reshape(-1)
+    S = len(sweep)
+    rows = heads.yaws[None].repeat(S, 1)
+    rows[:, 1] = sweep
+    pitch_rows = heads.pitches[None].repeat(S, 1)
+    pitch_rows[:, 1] = 0.0
+    t = heads.truth
+    cond = frontal_latents(codec, t["rgb"][head, :1], t["normal_rgb"][head, :1]).expand(S, -1, -1, -1)
+    emb = heads.id_emb[head:head + 1].expand(S, -1)
+    rgb, nrm = generate(model, codec, profile, cond, emb, rows, steps=steps, noise_seeds=[seed] * S,
+                        pitch_rows=pitch_rows)
+    truth = render_at(heads.params[head], sweep, profile.resolution)
+    hits = []
+    for s in range(S):
+        d = normal_distance(nrm[s, 1][None].expand(S, -1, -1, -1), truth["normal_rgb"], truth["alpha"])
+        hits.append(int(d.argmin()) == s)
+    return {"figures": {"sweep_accuracy": sum(hits) / S, "sweep_chance": 1.0 / S, "sweep_yaws": sweep.tolist()},
+            "rgb": rgb[:, 1], "normal": nrm[:, 1], "true_rgb": truth["rgb"], "true_normal": truth["normal_rgb"]}
+
+
+@torch.no_grad()
+def identity_swap(model, codec, profile, heads: Heads, seed: int = 0, steps: int | None = None) -> dict:
+    """The identity swap (module docstring, 3): sample ``b`` is given head ``b + 1``'s frontal view (cyclically)
+    with head ``b``'s identity embedding and noise. Returns ``swap_follow`` (the fraction of generated target views
+    nearer by RGB L2 to the swapped-in head's truth than to the original head's) and the generated rgb (N,P,3,H,W).
+    """
+    t = heads.truth
+    N, P = t["rgb"].shape[:2]
+    if N < 2:
+        raise ValueError("identity_swap needs at least 2 heads")
+    perm = torch.roll(torch.arange(N), -1)
+    cond = frontal_latents(codec, t["rgb"][perm, 0], t["normal_rgb"][perm, 0])
+    rows = heads.yaws[None].expand(N, P)
+    rgb, _ = generate(model, codec, profile, cond, heads.id_emb, rows, seed=seed, steps=steps,
+                      pitch_rows=heads.pitches[None].expand(N, P))
+    follow = []
+    for b in range(N):
+        d_new = metrics.l2(rgb[b, 1:], t["rgb"][perm[b], 1:])
+        d_old = metrics.l2(rgb[b, 1:], t["rgb"][b, 1:])
+        follow += (d_new < d_old).tolist()
+    return {"figures": {"swap_follow": sum(follow) / len(follow)}, "rgb": rgb, "given": t["rgb"][perm, 0]}

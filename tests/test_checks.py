@@ -1,0 +1,111 @@
+"""The model checks of notebook 07: they must tell a model that uses its cameras and input from one that does not.
+
+Two stand-in models with a codec that is plain pooling (so decoded images are the rendered truth, blurred):
+an *oracle* that reads the yaw from the target's ray map and returns that view's true latents, and a
+*camera-blind* model that returns the given view's latents everywhere. The checks must score the first near 1
+and the second at chance. The end-to-end test trains a tiny model on two heads and asks it to follow a yaw sweep.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spinmeround_lite import checks
+from spinmeround_lite.heads import sample_identity
+from spinmeround_lite.profiles import get_profile
+from spinmeround_lite.raymaps import decode_rays
+
+P = get_profile("test").replace(cfg_scale=1.0)   # no guidance: the stand-ins ignore the identity
+RES = P.resolution
+
+
+class PoolCodec:
+    """Images <-> 'latents' by average pooling (3 channels + 1 zero): decode(encode(x)) is x blurred."""
+    channels, device = 4, torch.device("cpu")
+
+    def encode(self, img):
+        z = F.avg_pool2d(img.reshape(-1, 3, RES, RES), RES // P.latent_res) * 2 - 1
+        z = torch.cat([z, torch.zeros_like(z[:, :1])], 1)
+        return z.reshape(*img.shape[:-3], 4, P.latent_res, P.latent_res)
+
+    def decode(self, z):
+        x = F.interpolate(z.reshape(-1, 4, P.latent_res, P.latent_res)[:, :3], scale_factor=RES // P.latent_res)
+        return ((x + 1) / 2).reshape(*z.shape[:-3], 3, RES, RES)
+
+
+def ray_yaw(rays: torch.Tensor) -> torch.Tensor:
+    """Yaw (degrees) of the camera of each ray map (..., 144, h, w), from its decoded origin."""
+    o, _ = decode_rays(rays, origin_freqs=P.ray_origin_freqs)
+    c = o[..., 0, 0, :]
+    return torch.rad2deg(torch.atan2(c[..., 0], c[..., 2]))
+
+
+class StandIn(torch.nn.Module):
+    """``denoise`` returns, per target view, the latents ``table(yaw)`` (oracle) or the given view's (blind)."""
+
+    def __init__(self, heads: checks.Heads, codec, blind: bool):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.codec, self.blind, self.params = codec, blind, heads.params
+
+    def denoise(self, x, sigma, cond, mask, rays, id_emb=None, **kw):
+        out = cond.clone()
+        if self.blind:
+            return torch.where(mask[:, :, None, None, None], cond, cond[:, :1].expand_as(cond))
+        yaws = ray_yaw(rays)                                                # (B, V)
+        for b in range(x.shape[0]):
+            truth = checks.render_at(self.params[b % len(self.params)], yaws[b], RES)
+            z = self.codec.encode(torch.cat([truth["rgb"], truth["normal_rgb"]]))
+            out[b] = torch.cat([z[: len(yaws[b])], z[len(yaws[b]):]], 1)
+        return torch.where(mask[:, :, None, None, None], cond, out)
+
+
+@pytest.fixture(scope="module")
+def heads():
+    enc = type("E", (), {"embed": staticmethod(lambda img: F.normalize(torch.ones(len(img), 512), dim=-1))})()
+    return checks.make_heads([sample_identity(s).to_vector() for s in (3, 4)], enc, checks.spread_yaws(4), RES)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_camera_sweep_tells_oracle_from_blind(heads, blind):
+    codec = PoolCodec()
+    model = StandIn(heads, codec, blind)
+    sweep = [-135.0, -90.0, -45.0, 45.0, 90.0, 135.0, 180.0]
+    r = checks.camera_sweep(model, codec, P, heads, sweep, steps=2)
+    acc = r["figures"]["sweep_accuracy"]
+    assert r["rgb"].shape == (len(sweep), 3, RES, RES)
+    if blind:
+        assert acc <= 2 / len(sweep), acc            # at most one or two lucky yaws
+    else:
+        assert acc >= 6 / len(sweep), acc
+
+
+def test_pose_and_identity_accuracy_of_a_blind_model_sit_near_chance(heads):
+    codec = PoolCodec()
+    r = checks.teacher_forced(StandIn(heads, codec, blind=True), codec, P, heads, mean_of=heads, steps=2)
+    f = r["figures"]
+    assert f["pose_chance"] == 0.25 and f["identity_chance"] == 0.5
+    assert f["pose_accuracy"] <= 1 / 3                   # the frontal view everywhere: right only by accident
+    assert f["identity_accuracy"] >= 0.5                 # it copies the given head, so identity is kept
+    for k in ("teacher_forced_ssim", "teacher_forced_mean_head_ssim", "teacher_forced_normal_err_deg"):
+        assert math.isfinite(f[k])
+
+
+def test_oracle_is_right_about_pose(heads):
+    codec = PoolCodec()
+    f = checks.teacher_forced(StandIn(heads, codec, blind=False), codec, P, heads, steps=2)["figures"]
+    assert f["pose_accuracy"] == 1.0
+    assert f["teacher_forced_normal_err_deg"] < 30       # the pooling codec blurs 4x4 blocks
+
+
+def test_spread_yaws_and_jittered_cameras():
+    assert checks.spread_yaws(4).tolist() == [0.0, 90.0, -180.0, -90.0]
+    from spinmeround_lite.cameras import jittered_rig_angles
+    y1, p1 = jittered_rig_angles(40, seed=7)
+    y2, _ = jittered_rig_angles(40, seed=8)
+    assert y1[0] == 0 and p1[0] == 0 and not torch.equal(y1, y2)
+    step = np.diff(((y1 + 360) % 360).numpy())
+    assert (step > 0).all() and (step < 18).all()            # still spread around the head, in order
