@@ -239,14 +239,16 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float = KL_WEIGHT) -> tuple[torch.
 
 def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 2e-3, kl_weight: float = KL_WEIGHT,
               seed: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
-    """Adam on ``vae_loss`` for ``steps`` batches from ``pool``; the learning rate decays to 10 % (cosine).
+    """Adam on ``vae_loss`` for ``steps`` batches from ``pool``: a linear warm-up over the first 100 steps (or a
+    tenth of a shorter run), then a cosine decay to 5 % of ``lr``.
 
     Returns one dict of loss terms per step.
     """
     vae.to(device).train().requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    cosine = lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
+    warm = max(1, min(100, steps // 10))
+    cosine = lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     history = []
     bar = tqdm(range(steps), desc="training the autoencoder", disable=not progress)
@@ -316,14 +318,15 @@ def build_trained_vae(run: Run, folder: Path, progress: bool = True) -> dict:
     pool = ImagePool(train, max_identities=max(1, POOL_VIEWS // train.views_per_identity), progress=progress)
     vae = build_vae(p)
     t0 = time.perf_counter()
-    history = train_vae(vae, pool, p.vae_steps, p.vae_batch, seed=run.seed, device=run.device, progress=progress)
+    history = train_vae(vae, pool, p.vae_steps, p.vae_batch, lr=p.vae_lr, seed=run.seed, device=run.device,
+                        progress=progress)
     seconds = time.perf_counter() - t0
     g = torch.Generator().manual_seed(run.seed + 1)
     sample = pool.batch(min(256, 2 * len(pool)), g, p_bg=0.5)
     scale, stats = measure_scale(vae, sample)
     vae.register_to_config(scaling_factor=scale)
     vae.to("cpu").save_pretrained(str(folder), safe_serialization=True)
-    info = {"source": "trained", "steps": p.vae_steps, "batch": p.vae_batch, "seconds": seconds,
+    info = {"source": "trained", "steps": p.vae_steps, "batch": p.vae_batch, "lr": p.vae_lr, "seconds": seconds,
             "final_loss": history[-1]["loss"] if history else None, "latent_stats": stats, "scale": scale,
             "history": [h["loss"] for h in history]}
     write_json(folder / "train.json", info)

@@ -393,7 +393,21 @@ def build_mvunet(profile: Profile | str, pretrained: str | Path = "", levels_3d:
                              f"context, profile {p.name!r} has text_hidden={p.text_hidden}: use a matching profile")
     else:
         unet = UNet2DConditionModel(**unet_config(p))
+        zero_condition_inputs(unet)
     return MultiViewUNet(unet, levels_3d=levels_3d, attention=attention)
+
+
+@torch.no_grad()
+def zero_condition_inputs(unet, latent_channels: int = OUT_CHANNELS) -> None:
+    """Start the input conv's weights of the ray-map and mask channels (``latent_channels:``) at zero.
+
+    A model widened from a 2D checkpoint starts so (``widen_from_2d``); a model built from scratch did not, and its
+    144 ray channels then entered through a *random* projection that training barely moved (the first cpu
+    reference: their weights ended at 0.34 of norm per channel against 0.37 at initialisation, the latents' at 0.79),
+    a per-camera random offset on every feature of the first layer. Starting at zero, the camera enters only as far
+    as training makes it useful (notebook 07, "is the model using its cameras and its input?").
+    """
+    unet.conv_in.weight[:, latent_channels:] = 0.0
 
 
 # ----------------------------------------------------------------------------------------------

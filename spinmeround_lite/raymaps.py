@@ -25,8 +25,18 @@ lies on the unit sphere. Three reasons: (1) the encoding no longer depends on th
 injective, ``sin(x)`` is monotone on ``[-1, 1]``; (3) frequency ``2^k`` resolves a change of camera position of
 about ``2^-k`` radians of orbit, so the first 5-6 origin frequencies separate neighbouring rig views (about 3
 degrees apart) and the higher ones act as a fine, hash-like code of the exact position, as in the paper.
-Directions are unit vectors already; a latent pixel subtends about ``13.4 / h`` degrees, which the top
-direction frequency ``2^7`` resolves to a few pixels.
+Directions are unit vectors already; a latent pixel subtends about ``13.4 / h`` degrees.
+
+Which frequencies. NeRF's ladder is ``2^0 .. 2^(n-1)``, and the released model uses it (``paper`` profile). For the
+origins it reaches ``2^14``: on the unit sphere ``sin(2^14 x)`` changes sign between cameras a hundredth of a degree
+apart, i.e. it is a hash of the camera, not a description of it. A model trained on a fixed rig can learn those
+hashes as ``V`` codes; at any other camera (the evaluation's yaws, a spin's) the top 10 or so bands are new random
+numbers, and a small model trained briefly does not learn to ignore them (notebook 07 measures the effect). Likewise,
+at 16x16 latents the direction band ``2^7`` has a period of about 2.4 latent pixels, at the edge of aliasing.
+So the course's own profiles start both ladders lower, keeping the channel count (``ray_origin_min_freq_log2``,
+``ray_dir_min_freq_log2``): origins ``2^-11 .. 2^3`` (the top band still tells cameras 3 degrees apart; the
+bottom bands are nearly linear in ``x``), directions ``2^-1 .. 2^6`` at 16x16 latents (a period of at least about
+5 latent pixels). Shifting a ladder changes no shape: 144 channels either way.
 """
 
 from __future__ import annotations

@@ -85,11 +85,16 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default: reference/<profile>")
     ap.add_argument("--export", action="store_true", help="only export what is trained so far")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-identities", type=int, default=0,
+                    help="training heads beyond the profile's (named after them; the held-out heads stay the course's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="samples per step (default: the profile's)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the profile's)")
     args = ap.parse_args()
     base = get_profile(args.profile)
-    profile = base.replace(use_reference=False, train_steps=args.steps,
+    over = {k: v for k, v in dict(batch_size=args.batch_size, lr=args.lr).items() if v is not None}
+    profile = base.replace(use_reference=False, train_steps=args.steps, extra_train_identities=args.extra_identities,
                            checkpoint_every=max(50, min(250, args.steps // 10)),
-                           sample_every=max(100, args.steps // 4))
+                           sample_every=max(100, args.steps // 8), **over)
     run = Run(profile, args.run_dir or ROOT / "runs" / f"reference-{base.name}", notebook="reference",
               seed=args.seed)
     dest = Path(args.out) if args.out else ROOT / "reference" / base.name
@@ -111,6 +116,18 @@ def main() -> int:
     ck = checkpoint_dirs(run.model_dir("spin"))
     done = args.steps if Run.is_complete(run.model_dir("spin")) else (int(ck[-1].name.split("_")[-1]) if ck else 0)
     export(run, dest, done, seconds)
+    from spinmeround_lite.dataset import read_meta
+    meta = read_meta(run.data_dir)
+    man = read_json(dest / "manifest.json")
+    man["data"] = {"identities_train": len(meta["splits"]["train"]),
+                   "identities_heldout": len(meta["splits"]["heldout"]), "heldout": meta["splits"]["heldout"],
+                   "views_per_identity": meta["views_per_identity"],
+                   "resolution": meta["resolution"], "per_identity_cameras": meta["camera"].get("per_identity_cameras"),
+                   "extra_train_identities": args.extra_identities, "seed": run.seed}
+    man["recipe"] = {k: getattr(run.profile, k) for k in ("batch_size", "lr", "views_per_sample", "ema_decay",
+                                                            "stage1_fraction", "vae_steps", "vae_lr")}
+    man["samples_seen"] = done * run.profile.batch_size * run.profile.grad_accum
+    write_json(dest / "manifest.json", man)
     return 0
 
 
