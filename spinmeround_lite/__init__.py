@@ -1,7 +1,10 @@
 """spinmeround-lite: one face image in, a consistent 360-degree set of head views and normal maps out.
 
     from spinmeround_lite import spin
-    result = spin("face.png", n_views=48)      # see spinmeround_lite/spin.py
+    result = spin("face.png", n_views=48)      # see spinmeround_lite/spinning.py
+
+One name, one thing: ``spinmeround_lite.spin`` is the function; its module is ``spinmeround_lite.spinning``
+(``python -m spinmeround_lite.spin IMAGE ...`` is its command line). No exported name is also a submodule.
 
 Importing the package is light: ``spin`` (and torch, diffusers) load on first use.
 """
@@ -12,9 +15,8 @@ __all__ = ["spin", "__version__"]
 
 def __getattr__(name):
     if name == "spin":
-        import importlib
+        from .spinning import spin
 
-        module = importlib.import_module(".spin", __name__)
-        globals()["spin"] = module.spin           # the function, not the module of the same name
-        return module.spin
+        globals()["spin"] = spin
+        return spin
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

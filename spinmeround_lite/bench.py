@@ -168,7 +168,7 @@ class _RandomEncoder:
 def spin_speed(profile, device: torch.device, n_views: int = 48) -> dict:
     """Wall time and UNet evaluations of a ``n_views`` spin (random weights, the profile's steps and CFG)."""
     from .model import SpinModel
-    from .spin import SpinParts, spin
+    from .spinning import SpinParts, spin
 
     model = _CountingModel(SpinModel.from_profile(profile, pretrained=False).to(device).eval())
     parts = SpinParts(model, _RandomCodec(profile, device), _RandomEncoder(), profile, "random")

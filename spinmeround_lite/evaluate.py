@@ -398,7 +398,7 @@ def attention_2d(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# the model: SpinMeRound's sampling (spin.py steps A, B, C) at the evaluation angles, and its variants
+# the model: SpinMeRound's sampling (spinning.py steps A, B, C) at the evaluation angles, and its variants
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
@@ -438,7 +438,7 @@ def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0,
     spread around the head (the model never saw a conditioning view).
     Returns rgb (A,3,H,W), normal (A,3,H,W) unit vectors or None, normal_reason.
     """
-    from . import spin as S
+    from . import spinning as S
 
     m, P, codec = parts.model, parts.profile, parts.codec
     dev = parts.device
@@ -726,7 +726,7 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
     "ordering": ordering_report(...)}``; each entry as ``evaluate_method`` returns it (with its views).
     """
     from .identity import ensure_encoder
-    from .spin import SpinParts
+    from .spinning import SpinParts
 
     cases = heldout_cases(run, n_identities, n_angles, progress=progress)
     parts = SpinParts.from_run(run, progress=progress)
@@ -756,7 +756,7 @@ def evaluate_ablations(run: Run, cases: list[EvalCase], parts, encoders: dict, l
     """Each ablation of ``ABLATION_VARIANTS`` (trained with ``profile.ablation_steps`` or from reference
     checkpoints), plus ``full_same_budget`` (the full model with the ablations' budget) when the run's model was
     trained with another budget, so the ablation table compares like with like."""
-    from .spin import SpinParts
+    from .spinning import SpinParts
 
     out: dict = {}
     budgets = set()

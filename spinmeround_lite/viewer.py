@@ -16,7 +16,7 @@ import torch
 
 
 def _as_result(result_or_folder):
-    from .spin import SpinResult
+    from .spinning import SpinResult
 
     if isinstance(result_or_folder, (str, os.PathLike)):
         return SpinResult.load(Path(result_or_folder))

@@ -166,7 +166,7 @@ def parts():
     from spinmeround_lite.latents import LatentCodec, build_vae
     from spinmeround_lite.model import SpinModel
     from spinmeround_lite.profiles import get_profile
-    from spinmeround_lite.spin import SpinParts
+    from spinmeround_lite.spinning import SpinParts
 
     P = get_profile("test")
     torch.manual_seed(0)
@@ -176,7 +176,7 @@ def parts():
 
 
 def test_generate_case_matches_spin_and_variants_have_the_right_shapes(parts, one_thread):
-    from spinmeround_lite.spin import spin
+    from spinmeround_lite.spinning import spin
 
     case = _fake_case(4)
     case.input_rgb = torch.ones(3, RES, RES) * 0.9        # plain white edges: a render, used as it is

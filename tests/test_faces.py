@@ -20,9 +20,9 @@ skdata = pytest.importorskip("skimage.data")
 
 from spinmeround_lite import faces  # noqa: E402
 from spinmeround_lite.faces import FaceDescriptor, FaceError  # noqa: E402
-from spinmeround_lite.spin import load_image, prepare_input  # noqa: E402
+from spinmeround_lite.spinning import load_image, prepare_input  # noqa: E402
 
-spin_module = __import__("spinmeround_lite.spin", fromlist=["main"])
+spin_module = __import__("spinmeround_lite.spinning", fromlist=["main"])
 
 # measured once: dlib landmarks 36, 39 (eye on the image left), 42, 45 (eye on the image right), 30 (nose tip),
 # 48, 54 (mouth corners), 8 (chin), and the detector's box x0, y0, x1, y1
@@ -180,7 +180,7 @@ def test_spin_records_the_face_backend(tmp_path):
     from spinmeround_lite.latents import LatentCodec, build_vae
     from spinmeround_lite.model import SpinModel
     from spinmeround_lite.profiles import get_profile
-    from spinmeround_lite.spin import SpinParts, spin
+    from spinmeround_lite.spinning import SpinParts, spin
 
     P = get_profile("test")
     torch.manual_seed(0)

@@ -249,6 +249,6 @@ def test_released_profile():
 
 def test_spin_at_paper_without_weights_names_the_missing_files(tmp_path):
     import importlib
-    spin_module = importlib.import_module("spinmeround_lite.spin")
+    spin_module = importlib.import_module("spinmeround_lite.spinning")
     with pytest.raises(R.MissingWeightsError, match="spinmeround/model.safetensors"):
         spin_module.spin(torch.rand(3, 64, 64), profile="paper", weights_dir=str(tmp_path), progress=False)

@@ -8,6 +8,7 @@ import importlib
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 from spinmeround_lite import cameras
 from spinmeround_lite.profiles import get_profile
 from spinmeround_lite.runs import Run
-from spinmeround_lite.spin import (
+from spinmeround_lite.spinning import (
     AlignmentError,
     ImageError,
     SpinParts,
@@ -35,7 +36,7 @@ from spinmeround_lite.spin import (
     triplet_anchors,
 )
 
-spin_module = importlib.import_module("spinmeround_lite.spin")
+spin_module = importlib.import_module("spinmeround_lite.spinning")
 P = get_profile("test")
 FAST = dict(steps=1, cfg_scale=2.0, progress=False)
 
@@ -273,7 +274,32 @@ def test_package_import_is_light_and_spin_is_exported():
             "f = s.spin; assert callable(f) and f.__name__ == 'spin'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-    assert callable(spin_module)                             # the module is callable too (same name)
+
+
+def test_one_name_one_thing():
+    """``spinmeround_lite.spin`` is the function, in any import order; its module is ``spinning``; no name the
+    package exports is also one of its submodules; ``python -m spinmeround_lite.spin`` is the command line."""
+    code = ("import types, pytest, spinmeround_lite as pkg\n"
+            "import spinmeround_lite.spinning as S\n"
+            "assert isinstance(S, types.ModuleType) and S.__name__ == 'spinmeround_lite.spinning'\n"
+            "from spinmeround_lite import spin\n"
+            "assert spin is S.spin and pkg.spin is S.spin and isinstance(spin, types.FunctionType)\n"
+            "with pytest.raises(ImportError, match='spinmeround_lite.spinning'):\n"
+            "    import spinmeround_lite.spin\n"
+            "assert pkg.spin is S.spin\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    # the rule for every exported name: a file of the same name may only be a `python -m` entry that refuses import
+    import spinmeround_lite
+    stems = {p.stem for p in Path(spinmeround_lite.__file__).parent.glob("*.py")}
+    for name in set(spinmeround_lite.__all__) & stems:
+        with pytest.raises(ImportError, match="not a module"):
+            importlib.import_module(f"spinmeround_lite.{name}")
+        assert callable(getattr(spinmeround_lite, name))
+    cli = subprocess.run([sys.executable, "-m", "spinmeround_lite.spin", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 0 and "--views" in cli.stdout, cli.stderr
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
