@@ -3,10 +3,11 @@ PROFILE ?= cpu
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: course test lint lab clean-notebooks bench help
+.PHONY: course solutions test lint lab clean-notebooks bench help
 
 help:
 	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
+	@echo "make solutions [PROFILE=...]               run the worked solutions in the same run folder"
 	@echo "make test                                  unit tests + every notebook at the test profile"
 	@echo "make lab                                   JupyterLab on the notebooks"
 
@@ -21,10 +22,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 course: $(STAMP)
 	$(PY) -m spinmeround_lite.course run --profile $(PROFILE)
 
-# Unit tests, then every notebook at the test profile (nbmake) in one shared run folder, then the figures check.
+solutions: $(STAMP)
+	$(PY) -m spinmeround_lite.course run --solutions --profile $(PROFILE)
+
+# Unit tests, then every notebook and then every worked solution at the test profile (nbmake) in one shared run
+# folder (the solutions reuse the notebooks' artifacts), then the figures check.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks solutions
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
@@ -36,4 +41,4 @@ bench: $(STAMP)
 	$(PY) -m spinmeround_lite.bench
 
 clean-notebooks: $(STAMP)
-	$(PY) tools/clean_notebooks.py notebooks/*.ipynb
+	$(PY) tools/clean_notebooks.py notebooks/*.ipynb solutions/*.ipynb

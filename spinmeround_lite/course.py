@@ -1,7 +1,14 @@
-"""The course runner: executes ``notebooks/NN_*.ipynb`` in order with papermill.
+"""The course runner: executes ``notebooks/NN_*.ipynb`` (or their worked solutions) in order with papermill.
 
-    python -m spinmeround_lite.course list
-    python -m spinmeround_lite.course run --profile cpu [--out DIR] [--only 00 03] [--fresh]
+    python -m spinmeround_lite.course list [--solutions]
+    python -m spinmeround_lite.course run --profile cpu [--out DIR] [--only 00 03] [--fresh] [--solutions]
+
+``--solutions`` runs ``solutions/NN_*.ipynb`` (the exercises of notebook ``NN`` worked out, each answer checked
+by an ``assert``) in the same run folder, so they reuse the course's artifacts; their entries go to the
+``solutions`` part of ``summary.json`` and the executed notebooks to ``<run>/solutions/``.
+
+The runner prints one line per notebook (status, seconds, the figures it recorded). Its kernels talk to it over
+IPC (``KERNEL_CONFIG``), so ipykernel has no unencrypted TCP sockets to warn about.
 
 Every artifact lands in the run folder (default ``runs/<profile>/``): executed notebooks, data, checkpoints,
 images, and ``summary.json`` with each notebook's status, seconds and recorded figures. The runner stops at
@@ -52,11 +59,34 @@ def missing_figures(notebook: str, figures: dict) -> list[str]:
     return [k for k in REQUIRED_FIGURES.get(notebook, ()) if k not in figures]
 
 
-def notebooks_dir() -> Path:
+# Kernels started by the runner (and by nbmake, see the repository's conftest.py) use IPC sockets (files in
+# Jupyter's runtime folder) instead of TCP on localhost: nothing to eavesdrop on, and ipykernel's warning that a
+# kernel "is running over TCP without encryption" has no cause. Passed to nbclient as its traitlets config.
+KERNEL_TRANSPORT = "ipc"
+
+
+def kernel_config():
+    """traitlets ``Config`` for ``nbclient.NotebookClient(config=...)``: one kernel on IPC transport.
+
+    The socket files get an absolute, fresh prefix (``<tmp>/smr-kernel-<hex>-ipc-<n>``): the default is relative
+    (``kernel-ipc``), and the kernel starts in the notebook's folder while its client stays in the caller's, so
+    the two would look for the sockets in different places. Call it once per kernel.
+    """
+    import tempfile
+    import uuid
+
+    from traitlets.config import Config
+
+    ip = os.path.join(tempfile.gettempdir(), f"smr-kernel-{uuid.uuid4().hex[:12]}-ipc")
+    return Config({"KernelManager": {"transport": KERNEL_TRANSPORT, "ip": ip}})
+
+
+def notebooks_dir(kind: str = "notebooks") -> Path:
+    """The course's ``notebooks/`` folder, or ``solutions/`` (``kind="solutions"``)."""
     root = find_repo_root(Path(__file__).parent) or find_repo_root()
     if root is None:
-        raise SystemExit("cannot find the course's notebooks/ folder: run this from inside the course checkout")
-    return root / "notebooks"
+        raise SystemExit(f"cannot find the course's {kind}/ folder: run this from inside the course checkout")
+    return root / kind
 
 
 def list_notebooks(folder: Path | None = None) -> list[Path]:
@@ -104,16 +134,37 @@ def _device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        more = ", ..." if len(v) > 4 else ""
+        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in list(v.items())[:4]) + more + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v[:4]) + (", ..." if len(v) > 4 else "") + "]"
+    return str(v)
+
+
+def progress_line(i: int, n: int, name: str, entry: dict, width: int = 160) -> str:
+    """One line per executed notebook: ``[ 3/12] 02_ray_maps  ok  4.1 s  raymap_channels=145 ...``."""
+    figs = " ".join(f"{k}={_short(v)}" for k, v in entry.get("figures", {}).items())
+    missing = entry.get("missing_figures")
+    status = entry["status"] + (f" (missing figures: {', '.join(missing)})" if missing else "")
+    line = f"[{i:>2}/{n}] {name:<24} {status:<6} {entry.get('seconds', 0):7.1f} s  {figs}"
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 def run_course(profile: str, out: str | os.PathLike | None = None, only: list[str] | None = None,
                fresh: bool = False, seed: int = 0, timeout: int | None = None,
-               notebooks: list[Path] | None = None, progress: bool = True) -> dict:
-    """Run the notebooks at ``profile``; return the summary (also written to ``<out>/summary.json``)."""
+               notebooks: list[Path] | None = None, progress: bool = True, solutions: bool = False) -> dict:
+    """Run the notebooks (or, with ``solutions``, their worked solutions) at ``profile``; return the summary
+    (also written to ``<out>/summary.json``; solutions under its ``"solutions"`` key)."""
     import papermill as pm
-    from tqdm.auto import tqdm
 
     if profile not in PROFILES:
         raise SystemExit(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
-    all_nbs = notebooks if notebooks is not None else list_notebooks()
+    kind = "solutions" if solutions else "notebooks"
+    all_nbs = notebooks if notebooks is not None else list_notebooks(notebooks_dir(kind))
     chosen = select(all_nbs, only)
     root = Path(out) if out else (find_repo_root(Path(__file__).parent) or Path.cwd()) / "runs" / profile
     root = root.resolve()
@@ -126,21 +177,22 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
         "profile": profile, "run_dir": str(root), "commit": _commit(), "device": _device_name(),
         "python": platform.python_version(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
     })
-    summary.setdefault("notebooks", {})
+    summary.setdefault(kind, {})
     for p in chosen:   # this run's notebooks start pending, in order
-        summary["notebooks"][p.stem] = {"status": "pending"}
+        summary[kind][p.stem] = {"status": "pending"}
     write_json(summary_path, summary)
 
     env_backup = {k: os.environ.get(k) for k in ("SMR_PROFILE", "SMR_RUN_DIR")}
     os.environ["SMR_PROFILE"], os.environ["SMR_RUN_DIR"] = profile, str(root)
     failed = None
-    bar = tqdm(chosen, desc=f"course [{profile}]", unit="notebook", disable=not progress)
+    if progress:
+        print(f"course [{profile}]: {len(chosen)} {kind} in {root}", flush=True)
     try:
-        for nb in bar:
-            bar.set_postfix_str(nb.stem)
-            out_nb = root / "notebooks" / nb.name
+        for i, nb in enumerate(chosen, 1):
+            out_nb = root / kind / nb.name
             out_nb.parent.mkdir(parents=True, exist_ok=True)
-            fig_path = root / "figures" / f"{nb.stem}.json"
+            fig_name = f"solutions_{nb.stem[:2]}" if solutions else nb.stem
+            fig_path = root / "figures" / f"{fig_name}.json"
             if fig_path.exists():
                 fig_path.unlink()           # figures of this execution only
             entry = {"status": "running"}
@@ -149,7 +201,7 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
                 pm.execute_notebook(
                     str(nb), str(out_nb), parameters={"profile": profile, "run_dir": str(root), "seed": seed},
                     cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=False,
-                    execution_timeout=timeout,
+                    execution_timeout=timeout, config=kernel_config(),
                 )
                 entry["status"] = "ok"
             except pm.PapermillExecutionError as e:
@@ -163,16 +215,17 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
                 failed = (nb.stem, None, f"{type(e).__name__}: {e}")
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             entry["figures"] = read_json(fig_path) if fig_path.exists() else {}
-            if entry["status"] == "ok":
+            if entry["status"] == "ok" and not solutions:
                 entry["missing_figures"] = missing_figures(nb.stem, entry["figures"])
             entry["executed"] = str(out_nb.relative_to(root))
-            summary["notebooks"][nb.stem] = entry
+            summary[kind][nb.stem] = entry
             summary["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
             write_json(summary_path, summary)
+            if progress:
+                print(progress_line(i, len(chosen), nb.stem, entry), flush=True)
             if failed:
                 break
     finally:
-        bar.close()
         for k, v in env_backup.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -183,10 +236,10 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
     if failed:
         name, cell, err = failed
         where = f"cell {cell}" if cell is not None else "before any cell finished"
-        print(f"\nFAILED: notebook {name}, {where}: {err}\n"
-              f"  executed notebook with the traceback: {root / 'notebooks' / (name + '.ipynb')}", file=sys.stderr)
+        print(f"\nFAILED: {kind[:-1]} {name}, {where}: {err}\n"
+              f"  executed notebook with the traceback: {root / kind / (name + '.ipynb')}", file=sys.stderr)
     else:
-        print(f"\nall {len(chosen)} notebooks ok; summary: {summary_path}")
+        print(f"\nall {len(chosen)} {kind} ok; summary: {summary_path}")
     return summary
 
 
@@ -194,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spinmeround_lite.course", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="print the notebooks, one line each")
+    lst = sub.add_parser("list", help="print the notebooks, one line each")
+    lst.add_argument("--solutions", action="store_true", help="list the worked solutions instead")
     r = sub.add_parser("run", help="execute the notebooks in order with papermill")
     r.add_argument("--profile", default="cpu", choices=list(PROFILES), help="size of the run (default: cpu)")
     r.add_argument("--out", default=None, help="run folder (default: runs/<profile>/)")
@@ -202,14 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--fresh", action="store_true", help="delete the run folder first; rebuild every artifact")
     r.add_argument("--seed", type=int, default=0, help="seed passed to every notebook")
     r.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds (default: none)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--solutions", action="store_true",
+                   help="run the worked solutions (solutions/NN_*.ipynb) instead of the notebooks, same run folder")
+    r.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
     if args.cmd == "list":
-        for p in list_notebooks():
+        for p in list_notebooks(notebooks_dir("solutions" if args.solutions else "notebooks")):
             print(f"{p.stem:<28} {notebook_title(p)}")
         return 0
     summary = run_course(args.profile, args.out, args.only, args.fresh, args.seed, args.timeout,
-                         progress=not args.quiet)
+                         progress=not args.quiet, solutions=args.solutions)
     return 0 if summary["status"] == "ok" else 1
 
 

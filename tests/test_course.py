@@ -46,6 +46,37 @@ def test_runner_summary_and_stop_at_first_failure(tmp_path):
     assert (out / "notebooks" / "00_ok.ipynb").exists()
 
 
+def test_runner_kernels_use_ipc_and_print_one_line_per_notebook(tmp_path, capfd):
+    src = tmp_path / "nbs"
+    src.mkdir()
+    nb = _nb(src / "00_quiet.ipynb", "from spinmeround_lite.runs import Run\n"
+             "Run.open(profile, run_dir, notebook='00_quiet', seed=seed).record(transport='ipc')")
+    assert course.kernel_config().KernelManager.transport == "ipc"
+    s = course.run_course("test", tmp_path / "run", notebooks=[nb])
+    assert s["status"] == "ok"
+    out, err = capfd.readouterr()
+    assert "without encryption" not in out + err             # ipykernel warns only about TCP
+    lines = [ln for ln in out.splitlines() if "00_quiet" in ln]
+    assert len(lines) == 1 and "ok" in lines[0] and "transport=ipc" in lines[0]
+
+
+def test_solutions_answer_every_notebook_and_run_like_the_course():
+    nbs = {p.stem for p in course.list_notebooks(ROOT / "notebooks")}
+    sols = {p.stem for p in course.list_notebooks(ROOT / "solutions")}
+    assert sols == nbs, f"solutions missing for {sorted(nbs - sols)}, without a notebook: {sorted(sols - nbs)}"
+    for p in sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(p, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{p.name} carries outputs"
+        assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1, p.name
+        text = "\n".join(c.source for c in nb.cells)
+        assert f"notebooks/{p.name}" in nb.cells[0].source, f"{p.name} must open with the notebook it answers"
+        assert f'notebook="solutions_{p.stem[:2]}"' in text, p.name
+        for k in (1, 2, 3):
+            assert f"## Exercise {k}" in text, f"{p.name} does not answer exercise {k}"
+        assert text.count("assert ") >= 3, f"{p.name}: every answer checks itself with an assert"
+
+
 def test_only_selects_and_rejects_unknown(tmp_path):
     paths = [tmp_path / "00_a.ipynb", tmp_path / "01_b.ipynb"]
     assert course.select(paths, ["01"]) == [paths[1]]
