@@ -35,7 +35,8 @@ from .checkpoints import CheckpointError
 from .profiles import Profile, get_profile
 from .runs import Run, atomic_path, find_repo_root, read_json, write_json
 
-CACHE_FORMAT = "spinmeround-lite/latents-v1"
+CACHE_FORMAT = "spinmeround-lite/latents-v2"   # v2: background colours shared by all views of an identity
+BG_SETS = 2               # background colours per identity in the cache (each with every view composited on it)
 KL_WEIGHT = 1e-5          # weight of the KL term per latent element against the L1 + L2 per pixel
 POOL_VIEWS = 8000         # at most this many training views are held in memory for autoencoder training
 
@@ -380,21 +381,30 @@ def _file_name(identity: str) -> str:
     return f"{safe}.safetensors"
 
 
-def background_colours(identity: str, views: int, seed: int = 0) -> torch.Tensor:
-    """The random background colour of each view of an identity, ``(V, 3)`` in [0, 1]; same seed, same colours."""
+def background_colours(identity: str, sets: int = BG_SETS, seed: int = 0) -> torch.Tensor:
+    """The random background colours of an identity, ``(sets, 3)`` in [0, 1]; same seed, same colours.
+
+    Each colour is shared by *all* views of the identity: a training sample shows one background, as a photo
+    session would. (The course's first cache drew one colour per view, so a target's background never matched its
+    input view's: the model learnt that an input view's colours say nothing about a target's, and ignored its
+    input; notebook 07, "is the model using its cameras and its input?")
+    """
     g = torch.Generator().manual_seed((zlib.crc32(str(identity).encode()) + 1_000_003 * seed) % 2**63)
-    return torch.rand(views, 3, generator=g)
+    return torch.rand(sets, 3, generator=g)
 
 
 def encode_identity(codec: LatentCodec, views: dict, colours: torch.Tensor) -> dict:
     """Latents of one identity's views: ``views`` from ``HeadDataset.views`` (rgb, alpha, normal_rgb (V, ., H, W)).
 
-    Returns ``rgb``, ``rgb_bg`` (on ``colours (V, 3)``), ``normal`` ``(V, C, h, w)`` and ``bg`` ``(V, 3)``.
+    ``colours (K, 3)``: background colours, each shared by every view. Returns ``rgb``, ``normal`` ``(V, C, h, w)``,
+    ``rgb_bg`` ``(K * V, C, h, w)`` (set ``k``: rows ``k V .. (k + 1) V``, every view on colour ``k``) and
+    ``bg`` ``(K, 3)``.
     """
     rgb, alpha = views["rgb"], views["alpha"]
-    z = codec.encode(torch.cat([rgb, composite(rgb, alpha, colours), views["normal_rgb"]])).cpu()
     V = rgb.shape[0]
-    return {"rgb": z[:V], "rgb_bg": z[V:2 * V], "normal": z[2 * V:], "bg": colours.clone()}
+    on_colour = [composite(rgb, alpha, c.expand(V, 3)) for c in colours]
+    z = codec.encode(torch.cat([rgb, views["normal_rgb"], *on_colour])).cpu()
+    return {"rgb": z[:V], "normal": z[V:2 * V], "rgb_bg": z[2 * V:], "bg": colours.clone()}
 
 
 def build_latent_cache(run: Run, folder: Path, codec: LatentCodec, dtype: torch.dtype = torch.float16,
@@ -415,9 +425,9 @@ def build_latent_cache(run: Run, folder: Path, codec: LatentCodec, dtype: torch.
             V = ds.views_per_identity
             views = ds.views(i, list(range(V)))
             t0 = time.perf_counter()
-            lat = encode_identity(codec, views, background_colours(ident, V, run.seed))
+            lat = encode_identity(codec, views, background_colours(ident, BG_SETS, run.seed))
             seconds += time.perf_counter() - t0
-            n_images += 3 * V
+            n_images += (2 + BG_SETS) * V
             name = _file_name(ident)
             with atomic_path(folder / name) as tmp:
                 save_file({k: v.to(dtype if k != "bg" else torch.float32).contiguous() for k, v in lat.items()},
@@ -433,7 +443,10 @@ def build_latent_cache(run: Run, folder: Path, codec: LatentCodec, dtype: torch.
 
 
 class LatentCache:
-    """The latent cache of a run: ``get(identity, idx) -> dict(rgb, rgb_bg, normal (P, C, h, w), bg (P, 3))``.
+    """The latent cache of a run: ``get(identity, idx, bg_set) -> dict(rgb, rgb_bg, normal (P, C, h, w), bg (P, 3))``.
+
+    ``rgb_bg`` is every asked view on background colour ``bg_set`` (one of ``BG_SETS`` per identity, shared by all
+    its views); ``bg`` that colour per view.
 
     ``identity`` is a name from ``ids`` (or an index into it); ``idx`` the view indices (all views if ``None``).
     Files are read once and kept in memory (in their stored dtype); ``get`` returns float32.
@@ -480,14 +493,15 @@ class LatentCache:
                                       "cache") from None
         return self._mem[identity]
 
-    def get(self, identity: str | int, idx=None) -> dict:
+    def get(self, identity: str | int, idx=None, bg_set: int = 0) -> dict:
         if isinstance(identity, int):
             identity = self.ids[identity]
         d = self._load(str(identity))
-        if idx is None:
-            return {k: v.float() for k, v in d.items()}
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return {k: v[idx].float() for k, v in d.items()}
+        V = d["rgb"].shape[0]
+        idx = torch.arange(V) if idx is None else torch.as_tensor(idx, dtype=torch.long)
+        k = int(bg_set) % d["bg"].shape[0]
+        return {"rgb": d["rgb"][idx].float(), "normal": d["normal"][idx].float(),
+                "rgb_bg": d["rgb_bg"][k * V + idx].float(), "bg": d["bg"][k].float().expand(len(idx), 3).clone()}
 
 
 def ensure_latent_cache(run: Run, codec: LatentCodec | None = None, progress: bool = True) -> LatentCache:
@@ -497,7 +511,9 @@ def ensure_latent_cache(run: Run, codec: LatentCodec | None = None, progress: bo
     fresh = False
     if Run.is_complete(folder):
         try:
-            fresh = read_json(folder / "index.json").get("vae_fingerprint") != vae_fingerprint(codec)
+            index = read_json(folder / "index.json")
+            fresh = (index.get("vae_fingerprint") != vae_fingerprint(codec)          # another autoencoder, or
+                     or index.get("format") != CACHE_FORMAT)                          # an older cache layout
         except (FileNotFoundError, ValueError):
             fresh = True
     run.ensure(folder, lambda f: build_latent_cache(run, f, codec, progress=progress), fresh=fresh)

@@ -6,8 +6,9 @@ Notebook 05; METHOD.md section 4. One training sample is ``P = profile.views_per
 * **stage 1** (the first ``stage1_fraction`` of the steps): 1 conditioning view;
   **stage 2**: 0, 1 or 3 conditioning views, each with p = 1/3 (at most ``P - 1``);
 * conditioning views enter clean with mask 1, the others (targets) noisy with mask 0; the loss is on targets;
-* background: with p = 0.5 all views of the sample use the latents of the render composited on a random colour
-  in pixel space (``rgb_bg``, cached by ``latents.py``) instead of the white-background ones (``rgb``);
+* background: with p = 0.5 all views of the sample use the latents of the renders composited on one random colour
+  in pixel space, the same for every view (``rgb_bg``, cached by ``latents.py``) instead of the white-background ones
+  (``rgb``);
 * classifier-free guidance dropout, p = 0.15 per sample: identity -> the empty prompt *and* conditioning latents
   -> zeros, together, so the unconditional branch the samplers use (``sampling.cfg_denoiser``) is one the
   model has seen 15 % of the time;
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 
 from . import edm
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .latents import BG_SETS
 from .model import SpinModel, model_config
 from .profiles import Profile
 from .raymaps import profile_raymap
@@ -193,9 +195,10 @@ class TrainData:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return profile_raymap(self.profile, c2w[idx], K[idx])
 
-    def latents(self, name: str, idx, background: bool = False) -> torch.Tensor:
-        """Clean latents (P,8,h,w) = [image | normal] of views ``idx``; ``background``: random-colour renders."""
-        z = self.cache.get(name, list(idx))
+    def latents(self, name: str, idx, background: bool = False, bg_set: int = 0) -> torch.Tensor:
+        """Clean latents (P,8,h,w) = [image | normal] of views ``idx``; ``background``: every view on the identity's
+        background colour ``bg_set`` (one colour for the whole sample)."""
+        z = self.cache.get(name, list(idx), bg_set=bg_set)
         return torch.cat([z["rgb_bg"] if background else z["rgb"], z["normal"]], dim=1)
 
     def batch(self, step: int, micro: int = 0, rank: int = 0, stage: int = 2, batch_size: int | None = None,
@@ -215,9 +218,10 @@ class TrainData:
                 n_cond = STAGE2_CONDS[int(torch.randint(len(STAGE2_CONDS), (1,), generator=g))]
             n_cond = min(n_cond, P - 1)
             use_bg = bool(torch.rand((), generator=g) < P_BACKGROUND)
+            bg_set = int(torch.randint(BG_SETS, (1,), generator=g))
             dropped = bool(torch.rand((), generator=g) < P_UNCOND)
             name = ds.ids[i]
-            x0.append(self.latents(name, idx, use_bg))
+            x0.append(self.latents(name, idx, use_bg, bg_set))
             mask.append(torch.arange(P) < n_cond)            # the first n_cond of the random views condition
             rays.append(self.rays(ds, i, idx))
             emb.append(self.id_emb[name])

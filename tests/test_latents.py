@@ -92,8 +92,9 @@ def test_composite_puts_background_colour():
     out = composite(rgb, alpha, colour)
     torch.testing.assert_close(out[:, :, 1:3, 1:3], rgb[:, :, 1:3, 1:3])
     torch.testing.assert_close(out[1, :, 0, 0], colour[1])
-    torch.testing.assert_close(background_colours("id7", 5, 3), background_colours("id7", 5, 3))
-    assert not torch.equal(background_colours("id7", 5, 3), background_colours("id8", 5, 3))
+    torch.testing.assert_close(background_colours("id7", 2, 3), background_colours("id7", 2, 3))
+    assert not torch.equal(background_colours("id7", 2, 3), background_colours("id8", 2, 3))
+    assert background_colours("id7", 2, 3).shape == (2, 3)
 
 
 def _tiny_dataset(root, n=3, views=4, res=16):
@@ -130,8 +131,12 @@ def test_latent_cache(tmp_path):
     torch.testing.assert_close(d["rgb"], codec.encode(v["rgb"]), **tol)
     torch.testing.assert_close(d["normal"], codec.encode(v["normal_rgb"]), **tol)
     torch.testing.assert_close(d["rgb_bg"], codec.encode(composite(v["rgb"], v["alpha"], d["bg"])), **tol)
-    torch.testing.assert_close(d["bg"], background_colours("id00001", 4, seed=3)[[1, 3]])
+    torch.testing.assert_close(d["bg"], background_colours("id00001", 2, seed=3)[0].expand(2, 3))
     assert (d["rgb_bg"] - d["rgb"]).abs().max() > 0.05
+    # every view of a sample on one colour: the second colour set differs from the first, each shared by all views
+    d1 = cache.get("id00001", [1, 3], bg_set=1)
+    assert torch.equal(d1["bg"][0], d1["bg"][1]) and not torch.equal(d1["bg"], d["bg"])
+    torch.testing.assert_close(d1["rgb_bg"], codec.encode(composite(v["rgb"], v["alpha"], d1["bg"])), **tol)
     # reused as it is; rebuilt when the autoencoder changes
     stamp = (cache.folder / "id00000.safetensors").stat().st_mtime_ns
     ensure_latent_cache(run, codec, progress=False)

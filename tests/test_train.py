@@ -56,8 +56,9 @@ def test_batches_follow_the_recipe_and_depend_only_on_seed_and_step(data):
     assert 0.4 < sum(bgs) / len(bgs) < 0.6                               # random background p = 0.5
     # the random-background latents are those of the same views on another colour
     name, idx = b1["identity"][0], b1["views"][0].tolist()
-    z = data.cache.get(name, idx)
-    assert torch.equal(T.TrainData.latents(data, name, idx, background=True)[:, :4], z["rgb_bg"])
+    z = data.cache.get(name, idx, bg_set=1)
+    assert torch.equal(T.TrainData.latents(data, name, idx, background=True, bg_set=1)[:, :4], z["rgb_bg"])
+    assert (z["bg"] == z["bg"][0]).all()                                 # one background colour for every view
 
 
 def test_ablation_options_change_the_batches(data):
