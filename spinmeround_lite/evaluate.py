@@ -309,6 +309,7 @@ def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name:
         res[m] = float(table.mean())
         res["per_angle"][m] = table.mean(0).tolist()
         res["per_identity"][m] = table.mean(1).tolist()
+        res.setdefault("table", {})[m] = table.tolist()         # identity x angle, for paired intervals
     res["lpips_reason"] = reasons.get("lpips")                   # always present: None when LPIPS is measured
     # the same means without the input's own angle (yaw 0), where methods that keep the input are exact
     novel = [a for a, y in enumerate(res["per_angle"]["yaw"]) if abs(y) > 1e-6]
@@ -631,18 +632,85 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
         lines += ["", "n/a:"]
         for why, where in reasons.items():
             lines.append(f"- {', '.join(where)}: {why}")
+    if results.get("ordering") or model:
+        lines += ["", "### Differences with 95% paired bootstrap intervals over identities", "",
+                  "Full model minus each method, mean over identities and angles; the interval resamples the "
+                  f"identities ({BOOTSTRAP} times, the same resample for both methods). ✓: the interval excludes 0 "
+                  "in the full model's favour (lower L2 and normal error, higher SSIM and identity similarity).", "",
+                  differences_table(results)]
     if note:
         lines += ["", "### Does the full model win?", "", note]
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------
+# statistics: paired bootstrap over identities
+# ----------------------------------------------------------------------------------------------
+BOOTSTRAP = 2000         # resamples of the identities for every interval
+
+
+def paired_bootstrap(a, b, n_boot: int = BOOTSTRAP, seed: int = 0, level: float = 0.95) -> dict:
+    """The mean difference ``a - b`` over paired units (identities) and its percentile bootstrap interval.
+
+    ``a``, ``b``: (n,) or (n, A) per identity (an (n, A) table gives one interval per column). The identities are
+    resampled with replacement ``n_boot`` times, the *same* resample for both methods (paired), so what varies
+    between heads (some are harder for every method) cancels. -> ``{"mean", "ci95": [lo, hi]}`` (lists per column
+    for tables).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim not in (1, 2) or len(a) < 2:
+        raise ValueError(f"paired_bootstrap needs two equal (n,) or (n, A) arrays with n >= 2, got {a.shape}, "
+                         f"{b.shape}")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+    boots = d[idx].mean(axis=1)                                   # (n_boot,) or (n_boot, A)
+    lo, hi = np.percentile(boots, [50 * (1 - level), 100 - 50 * (1 - level)], axis=0)
+    if d.ndim == 1:
+        return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)]}
+    return {"mean": d.mean(axis=0).tolist(), "ci95": [lo.tolist(), hi.tolist()]}
+
+
+def compare(model: dict, other: dict, metrics_: Iterable[str] = METRICS, seed: int = 0) -> dict:
+    """Full model minus ``other`` per metric, with paired bootstrap intervals over identities (same identities in
+    the same order). ``beats``: the interval excludes 0 on the full model's side (lower L2/LPIPS/normal error,
+    higher SSIM/identity similarity); ``None`` where a figure is missing.
+    -> ``{metric: {"mean", "ci95", "beats", "per_angle": {"mean": [..], "ci95": [[lo..], [hi..]]}}}``."""
+    out = {}
+    for m in metrics_:
+        ta, tb = (model.get("table") or {}).get(m), (other.get("table") or {}).get(m)
+        if ta is None or tb is None or np.shape(ta) != np.shape(tb) or len(ta) < 2:
+            out[m] = None
+            continue
+        ta, tb = np.asarray(ta), np.asarray(tb)
+        r = paired_bootstrap(ta.mean(1), tb.mean(1), seed=seed)
+        lo, hi = r["ci95"]
+        r["beats"] = bool(hi < 0) if LOWER_IS_BETTER[m] else bool(lo > 0)
+        r["per_angle"] = paired_bootstrap(ta, tb, seed=seed)
+        out[m] = r
+    return out
+
+
+def comparisons(results: dict, seed: int = 0) -> dict:
+    """``compare`` of the full model with every baseline, and of the full model (``full_same_budget`` where
+    present) with every ablation: ``{"baselines": {name: {...}}, "ablations": {name: {...}}}``."""
+    model = results.get("model") or {}
+    abl = results.get("ablations") or {}
+    ref = abl.get("full_same_budget", model)
+    return {"baselines": {n: compare(model, r, seed=seed) for n, r in (results.get("baselines") or {}).items()},
+            "ablations": {n: compare(ref, r, seed=seed) for n, r in abl.items() if n != "full_same_budget"}}
+
+
 def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
     """Does the full model beat every baseline and every ablation on ``metrics_``?
 
+    "Beats" is statistical where the per-identity tables are there: the 95 % paired bootstrap interval of the
+    difference (``comparisons``) excludes 0 on the full model's side; otherwise the means are compared.
     Baselines are compared with the run's model; ablations with ``full_same_budget`` when present (the full
     model trained with the ablations' budget), else with the run's model.
     -> ``{"baselines": {name: {metric: bool or None}}, "ablations": {...}, "all_ok": bool, "note": sentences}``.
     """
+    stats = comparisons(results)
     model = results.get("model") or {}
     abl = results.get("ablations", {}) or {}
     rep: dict = {"baselines": {}, "ablations": {}}
@@ -660,14 +728,41 @@ def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
                 if a is None or b is None:
                     rep[group][name][m] = None
                     continue
-                better = a < b if LOWER_IS_BETTER[m] else a > b
+                st = (stats.get(group, {}).get(name) or {}).get(m)
+                if st is not None:
+                    better = st["beats"]
+                    why = f"{a:.4f} vs {b:.4f}, difference {st['mean']:+.4f}, 95% CI [{st['ci95'][0]:+.4f}, " \
+                          f"{st['ci95'][1]:+.4f}]"
+                else:
+                    better = a < b if LOWER_IS_BETTER[m] else a > b
+                    why = f"{a:.4f} vs {b:.4f}, no interval (fewer than 2 identities)"
                 rep[group][name][m] = bool(better)
                 if not better:
-                    fails.append(f"{ref_name} does not beat {group[:-1]} '{name}' on {m} ({a:.4f} vs {b:.4f})")
+                    fails.append(f"{ref_name} does not beat {group[:-1]} '{name}' on {m} ({why})")
     rep["all_ok"] = not fails
-    rep["note"] = ("The full model beats every baseline and ablation on " + " and ".join(metrics_) + "."
+    rep["note"] = ("The full model beats every baseline and ablation on " + " and ".join(metrics_) +
+                   " (95% paired bootstrap intervals over identities exclude 0)."
                    if not fails else "; ".join(fails) + ".")
+    rep["stats"] = stats
     return rep
+
+
+def differences_table(results: dict, metrics_: Iterable[str] = ("l2", "ssim", "id_sim_eval",
+                                                                 "normal_angle_err_deg")) -> str:
+    """Markdown: full model minus each baseline and ablation, mean and 95 % paired bootstrap interval."""
+    stats = (results.get("ordering") or {}).get("stats") or comparisons(results)
+    metrics_ = list(metrics_)
+    lines = ["| full model minus | " + " | ".join(METRIC_LABELS.get(m, m) for m in metrics_) + " |",
+             "|---|" + "---|" * len(metrics_)]
+    for group, labels in (("baselines", BASELINE_LABELS), ("ablations", ABLATION_LABELS)):
+        for name, st in stats.get(group, {}).items():
+            cells = []
+            for m in metrics_:
+                r = st.get(m)
+                cells.append("n/a" if r is None else f"{r['mean']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"
+                             + (" ✓" if r["beats"] else ""))
+            lines.append(f"| {group[:-1]}: {labels.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: int = 3):
@@ -687,7 +782,13 @@ def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: 
                 continue
             yaw = np.asarray(r["per_angle"]["yaw"])
             order = np.argsort(yaw)
-            ax.plot(yaw[order], np.asarray(r["per_angle"][m])[order], marker="o", ms=3, label=label, **style)
+            line, = ax.plot(yaw[order], np.asarray(r["per_angle"][m])[order], marker="o", ms=3, label=label, **style)
+            table = (r.get("table") or {}).get(m)
+            if table is not None and len(table) >= 2:            # 95 % bootstrap interval of the mean over identities
+                t = np.asarray(table)
+                ci = paired_bootstrap(t, np.zeros_like(t))["ci95"]
+                ax.fill_between(yaw[order], np.asarray(ci[0])[order], np.asarray(ci[1])[order],
+                                color=line.get_color(), alpha=0.15, lw=0)
         ax.set_title(METRIC_LABELS.get(m, m))
         ax.set_xlabel("yaw (deg): 0 front, ±180 back")
         if not ax.lines:
@@ -823,12 +924,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--angles", type=int, default=None, help="target angles (default: the profile's, 16 in the paper)")
     ap.add_argument("--no-ablations", action="store_true", help="skip the ablations (they train models)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--out", default="", help="also write evaluation.json and results_table.md here "
+                                              "(e.g. results/cpu, the committed evaluation the README quotes)")
     a = ap.parse_args(argv)
     run = Run.open(a.profile, a.run_dir, notebook="09_evaluation_cli", seed=a.seed)
     res = evaluate_all(run, a.identities, a.angles, ablations=not a.no_ablations)
     paths = write_results(run, res)
     print(paths["table"].read_text())
     print(f"written: {paths['table']} and {paths['json']}")
+    if a.out:
+        import shutil
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        from .runs import atomic_path
+        for src, name in ((paths["json"], "evaluation.json"), (paths["table"], "results_table.md")):
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(src, tmp)
+        print(f"and copied to {out / 'evaluation.json'}, {out / 'results_table.md'}")
     return 0
 
 

@@ -288,3 +288,26 @@ def test_a_plain_model_is_not_taken_for_an_ablation(parts, tmp_path):
     Run.mark_complete(folder)
     with pytest.raises(CheckpointError, match="use_identity"):
         E.ensure_ablation(run, "no_identity", progress=False)
+
+
+def test_paired_bootstrap_intervals():
+    from spinmeround_lite.evaluate import compare, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    hard = rng.normal(0, 1.0, 16)                        # some heads are hard for every method
+    a = hard + 0.10 + rng.normal(0, 0.01, 16)            # method a: always 0.1 worse, whatever the head
+    b = hard
+    r = paired_bootstrap(a, b)
+    assert abs(r["mean"] - 0.10) < 0.01 and 0.08 < r["ci95"][0] < r["ci95"][1] < 0.12   # paired: tight
+    same = paired_bootstrap(b, b)
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+    noisy = paired_bootstrap(rng.normal(0, 1, 16), rng.normal(0, 1, 16))
+    assert noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    # compare(): lower L2 and higher SSIM for the model -> beats; a per-angle interval for each angle
+    t = lambda v: {"table": {"l2": v[:, None].repeat(4, 1).tolist(), "ssim": (-v)[:, None].repeat(4, 1).tolist()}}
+    c = compare(t(b), t(a), metrics_=("l2", "ssim"))
+    assert c["l2"]["beats"] and c["ssim"]["beats"] and len(c["l2"]["per_angle"]["mean"]) == 4
+    c2 = compare(t(a), t(b), metrics_=("l2",))
+    assert not c2["l2"]["beats"]
+    with pytest.raises(ValueError, match="paired_bootstrap"):
+        paired_bootstrap(a[:1], b[:1])
