@@ -203,7 +203,7 @@ def teacher_forced(model, codec, profile, heads: Heads, mean_of: Heads | None = 
             id_hits.append(int(d.argmin()) == b)
     out.update(pose_accuracy=sum(pose_hits) / len(pose_hits), pose_chance=1.0 / P,
                identity_accuracy=sum(id_hits) / len(id_hits), identity_chance=1.0 / N,
-               heads=N, views=P)
+               check_heads=N, check_views=P)
     return {"figures": out, "rgb": rgb, "normal": nrm}
 
 
