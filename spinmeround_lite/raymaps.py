@@ -125,11 +125,16 @@ def raymap(c2w: torch.Tensor, K: torch.Tensor, image_res: int, latent_res: int,
 
 
 def profile_raymap(profile, c2w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """``raymap`` with every setting read from a profile (resolution, latent resolution, both frequency ladders).
+    """``raymap`` with every setting read from a profile (resolution, latent resolution, both frequency ladders,
+    and the camera convention: ``profile.extra["camera_convention"] == "released"`` gives ``raymap_in``'s released
+    maps, what the released weights were trained on).
 
     The one call the trainer, the samplers and the evaluation use, so a model always sees the ray maps it was
     trained with. c2w (..., 4, 4), K (..., 3, 3) or (3, 3) -> (..., 144, h, w).
     """
+    if profile.extra.get("camera_convention", "opencv") == "released":
+        return raymap_in("released", c2w, K, profile.resolution, profile.latent_res, profile.ray_origin_freqs,
+                         profile.ray_dir_freqs)
     return raymap(c2w, K, profile.resolution, profile.latent_res, profile.ray_origin_freqs, profile.ray_dir_freqs,
                   origin_min_freq_log2=profile.ray_origin_min_freq_log2,
                   dir_min_freq_log2=profile.ray_dir_min_freq_log2)

@@ -379,10 +379,7 @@ def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Te
     else:
         c2w = torch.as_tensor(c2w, dtype=torch.float32).reshape(-1, 4, 4).expand(B, 4, 4)
         K = cameras.intrinsics(profile.resolution)
-        rays = profile_raymap(profile, c2w[:, None], K)
-    if c2w is not None and profile.extra.get("camera_convention") == "released":
-        from .raymaps import raymap_in
-        rays = raymap_in("released", c2w[:, None], K, profile.resolution, profile.latent_res)
+        rays = profile_raymap(profile, c2w[:, None], K)                         # in the profile's convention
     z_img = z_img.to(device).float()
     shape = (B, 1, 8, h, w)
     known = torch.cat([z_img, torch.zeros_like(z_img)], 1)[:, None]             # (B, 1, 8, h, w)
