@@ -36,33 +36,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import cameras, metrics, sampling
-from .raymaps import profile_raymap
+from . import metrics
+from .spinning import decode_latents, generate_views
 
 
 # ----------------------------------------------------------------------------------------------
 # truth
 # ----------------------------------------------------------------------------------------------
-def render_at(params, yaws, resolution: int, pitch=0.0, chunk: int = 65536) -> dict:
-    """True views of one head at ``yaws`` (A,) degrees and ``pitch`` (a number or (A,)): rgb (A,3,H,W), alpha (A,1,H,W),
-    normal (A,3,H,W) (unit, camera space, 0 on background), normal_rgb (A,3,H,W), c2w (A,4,4), K (3,3)."""
-    from .render import normal_to_rgb, render_views
+def render_at(params, yaws, resolution: int, chunk: int = 65536) -> dict:
+    """True views of one head at ``yaws`` (A,) degrees, pitch 0 (``render.render_orbit``), channels first:
+    rgb (A,3,H,W), alpha (A,1,H,W), normal (A,3,H,W) (unit, camera space, 0 on background), normal_rgb (A,3,H,W)."""
+    from .render import normal_to_rgb, render_orbit
 
-    yaws = torch.as_tensor(yaws, dtype=torch.float32).reshape(-1)
-    c2w = cameras.orbit_c2w(yaws, torch.as_tensor(pitch, dtype=torch.float32).expand_as(yaws))
-    K = cameras.intrinsics(resolution)
-    out = render_views(params, c2w, K, resolution, resolution, chunk=chunk)
-    return {"rgb": out["rgb"].float().permute(0, 3, 1, 2).clamp(0, 1).contiguous(),
-            "alpha": out["alpha"].float()[:, None].contiguous(),
-            "normal": F.normalize(out["normal"].float().permute(0, 3, 1, 2), dim=1).contiguous(),
-            "normal_rgb": normal_to_rgb(out["normal"], out["alpha"]).float().permute(0, 3, 1, 2).contiguous(),
-            "c2w": c2w, "K": K}
-
-
-def spread_yaws(P: int) -> torch.Tensor:
-    """``P`` yaws around the head: ``0, 360/P, ...`` wrapped to [-180, 180) (view 0 frontal)."""
-    y = torch.arange(P, dtype=torch.float32) * 360.0 / P
-    return (y + 180.0) % 360.0 - 180.0
+    out = render_orbit(params, torch.as_tensor(yaws, dtype=torch.float32).reshape(-1), 0.0, resolution, chunk=chunk)
+    first = lambda x: x.float().movedim(-1, 1).contiguous()          # (A,H,W,C) -> (A,C,H,W)
+    return {"rgb": first(out["rgb"]).clamp(0, 1), "alpha": out["alpha"].float()[:, None].contiguous(),
+            "normal": F.normalize(first(out["normal"]), dim=1),
+            "normal_rgb": first(normal_to_rgb(out["normal"], out["alpha"]))}
 
 
 def normal_distance(pred_rgb: torch.Tensor, true_rgb: torch.Tensor, true_alpha: torch.Tensor) -> torch.Tensor:
@@ -84,30 +74,21 @@ def normal_distance(pred_rgb: torch.Tensor, true_rgb: torch.Tensor, true_alpha: 
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Heads:
-    """Heads to check: their parameters, identity embeddings and true views at ``yaws``."""
+    """Heads to check: their parameters, identity embeddings and true views at ``yaws`` (pitch 0)."""
     params: list                # one parameter vector (D,) per head
     id_emb: torch.Tensor        # (N, 512)
     yaws: torch.Tensor          # (P,) degrees; yaws[0] = 0 is the given view
-    pitches: torch.Tensor       # (P,) degrees
     truth: dict                 # rgb/alpha/normal/normal_rgb (N, P, ., H, W)
 
 
-def make_heads(params: list, encoder, yaws: torch.Tensor, resolution: int, pitches: torch.Tensor | None = None,
-               chunk: int = 65536) -> Heads:
-    """Render every head at ``yaws`` and ``pitches`` (default 0) and embed its view 0 with the ``cond`` encoder."""
+def make_heads(params: list, encoder, yaws: torch.Tensor, resolution: int, chunk: int = 65536) -> Heads:
+    """Render every head at ``yaws`` (pitch 0) and embed its view 0 with the ``cond`` encoder."""
     yaws = torch.as_tensor(yaws, dtype=torch.float32)
-    pitches = torch.zeros_like(yaws) if pitches is None else torch.as_tensor(pitches, dtype=torch.float32)
-    views = [render_at(p, yaws, resolution, pitch=pitches, chunk=chunk) for p in params]
+    views = [render_at(p, yaws, resolution, chunk=chunk) for p in params]
     truth = {k: torch.stack([v[k] for v in views]) for k in ("rgb", "alpha", "normal", "normal_rgb")}
     with torch.no_grad():
         emb = encoder.embed(truth["rgb"][:, 0]).float().cpu()
-    return Heads(list(params), emb, yaws, pitches, truth)
-
-
-def _rays(profile, yaws: torch.Tensor, pitches: torch.Tensor | None = None) -> torch.Tensor:
-    """Ray maps (len(yaws), 144, h, w) of orbit cameras at ``yaws`` and ``pitches`` (default 0) in degrees."""
-    c2w = cameras.orbit_c2w(yaws, torch.zeros_like(yaws) if pitches is None else pitches)
-    return profile_raymap(profile, c2w, cameras.intrinsics(profile.resolution))
+    return Heads(list(params), emb, yaws, truth)
 
 
 def frontal_latents(codec, rgb: torch.Tensor, normal_rgb: torch.Tensor) -> torch.Tensor:
@@ -117,37 +98,23 @@ def frontal_latents(codec, rgb: torch.Tensor, normal_rgb: torch.Tensor) -> torch
 
 @torch.no_grad()
 def generate(model, codec, profile, cond_latents: torch.Tensor, id_emb: torch.Tensor | None, yaw_rows: torch.Tensor,
-             seed: int = 0, steps: int | None = None, cfg_scale: float | None = None,
-             noise_seeds: list[int] | None = None, pitch_rows: torch.Tensor | None = None
+             seed: int = 0, steps: int | None = None, noise_seeds: list[int] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of ``B`` samples with view 0 given: ``cond_latents`` (B,8,h,w) its clean latents (true image and normal
     latents, as in training), ``yaw_rows`` (B,P) the yaw of every view of each sample (``[:, 0]`` the given one).
 
-    Euler on the profile's Karras schedule with classifier-free guidance (``profile.cfg_scale``), one generator
-    per sample seeded ``seed + b`` (``noise_seeds`` overrides: equal seeds give equal noise). Returns the decoded
-    rgb and normal images, each (B,P,3,H,W) in [0, 1].
+    ``spinning.generate_views`` (Euler, the profile's schedule and guidance), one seed per sample, ``seed + b``
+    (``noise_seeds`` overrides: equal seeds give equal noise). Returns the decoded rgb and normal images,
+    each (B,P,3,H,W) in [0, 1], view 0 the given one.
     """
     B, P = yaw_rows.shape
-    h = profile.latent_res
-    device = next(model.parameters()).device
-    cond = torch.zeros(B, P, 8, h, h)
-    cond[:, 0] = cond_latents
-    mask = torch.zeros(B, P, dtype=torch.bool)
-    mask[:, 0] = True
-    pitch_rows = torch.zeros_like(yaw_rows) if pitch_rows is None else pitch_rows
-    rays = torch.stack([_rays(profile, y, q) for y, q in zip(yaw_rows.float(), pitch_rows.float())])
-    cond, mask, rays = cond.to(device), mask.to(device), rays.to(device)
-    emb = None if id_emb is None else id_emb.to(device)
-    scale = profile.cfg_scale if cfg_scale is None else cfg_scale
-    denoise = sampling.cfg_denoiser(model, cond, mask, rays, emb, scale=scale)
-    sigmas = sampling.profile_sigmas(profile, steps or profile.sample_steps)
     seeds = noise_seeds if noise_seeds is not None else [seed + b for b in range(B)]
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x0 = sampling.sample(denoise, cond.shape, sigmas, gens, solver="euler", cond=cond, mask=mask, device=device)
+    z = generate_views(model, profile, yaw_rows[:, 1:], cond=cond_latents[:, None], cond_yaws=yaw_rows[:, :1],
+                       id_emb=id_emb, steps=steps, seeds=seeds)                              # (B, P-1, 8, h, w)
+    z = torch.cat([cond_latents[:, None].to(z), z], 1).flatten(0, 1)
+    rgb, nrm = decode_latents(codec, z)
     H = profile.resolution
-    img = codec.decode(x0[:, :, :4].flatten(0, 1).to(codec.device)).float().cpu().view(B, P, 3, H, H)
-    nrm = codec.decode(x0[:, :, 4:].flatten(0, 1).to(codec.device)).float().cpu().view(B, P, 3, H, H)
-    return img.clamp(0, 1), nrm.clamp(0, 1)
+    return rgb.view(B, P, 3, H, H).clamp(0, 1), nrm.view(B, P, 3, H, H).clamp(0, 1)
 
 
 def mean_head(truth: dict) -> dict:
@@ -171,8 +138,7 @@ def teacher_forced(model, codec, profile, heads: Heads, mean_of: Heads | None = 
     N, P = heads.truth["rgb"].shape[:2]
     cond = frontal_latents(codec, heads.truth["rgb"][:, 0], heads.truth["normal_rgb"][:, 0])
     rows = heads.yaws[None].expand(N, P)
-    rgb, nrm = generate(model, codec, profile, cond, heads.id_emb, rows, seed=seed, steps=steps,
-                        pitch_rows=heads.pitches[None].expand(N, P))
+    rgb, nrm = generate(model, codec, profile, cond, heads.id_emb, rows, seed=seed, steps=steps)
     t = heads.truth
     tgt = slice(1, P)
     flat = lambda x: x[:, tgt].flatten(0, 1)
@@ -217,13 +183,10 @@ def camera_sweep(model, codec, profile, heads: Heads, sweep_yaws, head: int = 0,
     S = len(sweep)
     rows = heads.yaws[None].repeat(S, 1)
     rows[:, 1] = sweep
-    pitch_rows = heads.pitches[None].repeat(S, 1)
-    pitch_rows[:, 1] = 0.0
     t = heads.truth
     cond = frontal_latents(codec, t["rgb"][head, :1], t["normal_rgb"][head, :1]).expand(S, -1, -1, -1)
     emb = heads.id_emb[head:head + 1].expand(S, -1)
-    rgb, nrm = generate(model, codec, profile, cond, emb, rows, steps=steps, noise_seeds=[seed] * S,
-                        pitch_rows=pitch_rows)
+    rgb, nrm = generate(model, codec, profile, cond, emb, rows, steps=steps, noise_seeds=[seed] * S)
     truth = render_at(heads.params[head], sweep, profile.resolution)
     hits = []
     for s in range(S):
@@ -246,8 +209,7 @@ def identity_swap(model, codec, profile, heads: Heads, seed: int = 0, steps: int
     perm = torch.roll(torch.arange(N), -1)
     cond = frontal_latents(codec, t["rgb"][perm, 0], t["normal_rgb"][perm, 0])
     rows = heads.yaws[None].expand(N, P)
-    rgb, _ = generate(model, codec, profile, cond, heads.id_emb, rows, seed=seed, steps=steps,
-                      pitch_rows=heads.pitches[None].expand(N, P))
+    rgb, _ = generate(model, codec, profile, cond, heads.id_emb, rows, seed=seed, steps=steps)
     follow = []
     for b in range(N):
         d_new = metrics.l2(rgb[b, 1:], t["rgb"][perm[b], 1:])

@@ -17,6 +17,7 @@ from spinmeround_lite import checks
 from spinmeround_lite.heads import sample_identity
 from spinmeround_lite.profiles import get_profile
 from spinmeround_lite.raymaps import decode_rays
+from spinmeround_lite.spinning import spin_yaws
 
 P = get_profile("test").replace(cfg_scale=1.0)   # no guidance: the stand-ins ignore the identity
 RES = P.resolution
@@ -66,7 +67,7 @@ class StandIn(torch.nn.Module):
 @pytest.fixture(scope="module")
 def heads():
     enc = type("E", (), {"embed": staticmethod(lambda img: F.normalize(torch.ones(len(img), 512), dim=-1))})()
-    return checks.make_heads([sample_identity(s).to_vector() for s in (3, 4)], enc, checks.spread_yaws(4), RES)
+    return checks.make_heads([sample_identity(s).to_vector() for s in (3, 4)], enc, spin_yaws(4), RES)
 
 
 @pytest.mark.parametrize("blind", [False, True])
@@ -102,7 +103,7 @@ def test_oracle_is_right_about_pose(heads):
 
 
 def test_spread_yaws_and_jittered_cameras():
-    assert checks.spread_yaws(4).tolist() == [0.0, 90.0, -180.0, -90.0]
+    assert spin_yaws(4).tolist() == [0.0, 90.0, -180.0, -90.0]
     from spinmeround_lite.cameras import jittered_rig_angles
     y1, p1 = jittered_rig_angles(40, seed=7)
     y2, _ = jittered_rig_angles(40, seed=8)
