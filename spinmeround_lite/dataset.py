@@ -47,8 +47,30 @@ class DatasetError(ValueError):
     """A dataset folder is missing, incomplete or malformed; the message names the file and what to do."""
 
 
+EXTRA_HELDOUT_OFFSET = 500_000   # identity indices of the evaluation-only heads (no training set reaches them)
+
+
 def identity_name(index: int) -> str:
     return f"id{index:05d}"
+
+
+def extra_heldout_indices(profile: Profile | str) -> list[int]:
+    """Identity indices of ``profile.extra_heldout_identities``: ``EXTRA_HELDOUT_OFFSET + j``.
+
+    They come from a range of head seeds no training set uses (training extras count up from ``identities``), so
+    the held-out split can grow without touching any trained model: a reference trained before they existed has
+    still never seen them.
+    """
+    P = get_profile(profile)
+    return [EXTRA_HELDOUT_OFFSET + j for j in range(P.extra_heldout_identities)]
+
+
+def heldout_names(profile: Profile | str) -> list[str]:
+    """The held-out split a dataset of ``profile`` holds: the last ``heldout_identities`` of the first
+    ``identities``, then the evaluation-only heads."""
+    P = get_profile(profile)
+    first = range(P.identities - P.heldout_identities, P.identities)
+    return [identity_name(i) for i in list(first) + extra_heldout_indices(P)]
 
 
 def identity_seed(seed: int, index: int) -> int:
@@ -100,7 +122,9 @@ def build_dataset(root: str | Path, profile: Profile | str, seed: int = 0, devic
 
     The last ``profile.heldout_identities`` of the first ``profile.identities`` form the held-out split, so a
     dataset with extra training identities (the reference models') holds out exactly the heads the course's own
-    dataset holds out; the extras are named after them (``id{identities + j}``) and join the train split. Each
+    dataset holds out; the extras are named after them (``id{identities + j}``) and join the train split.
+    ``profile.extra_heldout_identities`` more heads, from a reserved seed range (``extra_heldout_indices``), join
+    the held-out split (evaluation only). Each
     ``.npz`` is written atomically, ``dataset.json`` last, so a folder with ``dataset.json`` is whole; a rerun after
     an interruption keeps the identities already written.
     """
@@ -110,17 +134,18 @@ def build_dataset(root: str | Path, profile: Profile | str, seed: int = 0, devic
     if P.heldout_identities >= P.identities:
         raise ValueError(f"profile {P.name}: heldout_identities ({P.heldout_identities}) must be fewer than "
                          f"identities ({P.identities})")
-    total = P.identities + P.extra_train_identities
-    names = [identity_name(i) for i in range(total)]
-    for i in tqdm(range(total), desc=f"rendering {total} heads x {P.views_per_identity} views"):
-        if (root / f"{names[i]}.npz").exists():
+    indices = list(range(P.identities + P.extra_train_identities)) + extra_heldout_indices(P)
+    names = [identity_name(i) for i in indices]
+    total = len(indices)
+    for name, i in tqdm(list(zip(names, indices)), desc=f"rendering {total} heads x {P.views_per_identity} views"):
+        if (root / f"{name}.npz").exists():
             continue                                    # written whole (atomic) by an interrupted earlier build
         params = sample_identity(identity_seed(seed, i))
         arrays = render_identity(params, P.views_per_identity, P.resolution, device=device, chunk=P.render_chunk,
                                  jitter_seed=identity_seed(seed, i) if P.camera_jitter else None)
-        write_identity(root / f"{names[i]}.npz", arrays)
-    n_train = P.identities - P.heldout_identities
-    train, heldout = names[:n_train] + names[P.identities:], names[n_train:P.identities]
+        write_identity(root / f"{name}.npz", arrays)
+    heldout = heldout_names(P)
+    train = [n for n in names if n not in set(heldout)]
     write_json(root / "dataset.json", {
         "format": FORMAT,
         "resolution": P.resolution,

@@ -24,6 +24,7 @@ class Profile:
     heldout_identities: int             # of those, kept out of every training (evaluation only)
     views_per_identity: int             # rig views per identity (125 in the paper)
     extra_train_identities: int = 0     # more training heads beyond ``identities`` (reference models train on more)
+    extra_heldout_identities: int = 0   # evaluation-only heads from a reserved seed range (``id5xxxxx``), held out
     render_chunk: int = 65536           # rays per sphere-tracing chunk (memory bound)
     camera_jitter: bool = True          # cameras drawn per identity around the rig (False: the same rig for all)
     # --- identity encoders and context (notebook 01) -------------------------------------
@@ -115,6 +116,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu", resolution=64, identities=64, heldout_identities=8, views_per_identity=40,
+        extra_heldout_identities=8,                                               # 16 held-out heads in all
         ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=-1,
         id_input_res=32, id_width=16, id_eval_width=24, id_train_steps=400, id_batch=64,
         text_hidden=64, text_layers=2, text_heads=2,

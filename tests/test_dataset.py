@@ -150,3 +150,18 @@ def test_ensure_dataset_builds_once_and_reuses(tmp_path):
     stamp = (root / "id00000.npz").stat().st_mtime_ns
     assert D.ensure_dataset(run) == root
     assert (root / "id00000.npz").stat().st_mtime_ns == stamp
+
+
+def test_extra_heldout_heads_come_from_a_range_no_training_set_reaches(tmp_path):
+    """Evaluation-only heads join the held-out split without moving any training head (a reference trained with
+    extra training heads has never seen them)."""
+    P = TINY.replace(extra_train_identities=2, extra_heldout_identities=2)
+    D.build_dataset(tmp_path, P, seed=0)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    held = meta["splits"]["heldout"]
+    assert held == D.heldout_names(P) == ["id00003", "id500000", "id500001"]
+    assert meta["splits"]["train"] == ["id00000", "id00001", "id00002", "id00004", "id00005"]
+    base = TINY.replace(extra_train_identities=2)                 # the same heads without the evaluation extras
+    assert set(D.heldout_names(base)) < set(held)
+    with np.load(tmp_path / "id500000.npz") as z, np.load(tmp_path / "id00000.npz") as z0:
+        assert z["rgb"].shape == (6, 16, 16, 3) and not np.array_equal(z["params"], z0["params"])

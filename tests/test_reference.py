@@ -18,10 +18,11 @@ def test_cpu_reference_loads_and_has_a_manifest(tmp_path):
         assert key in m, f"manifest.json lacks {key}"
     assert m["profile"] == "cpu" and m["train_steps"] > 0
     # which data it saw: the course's held-out heads stay held out (the reference may train on more heads)
-    from spinmeround_lite.dataset import identity_name
+    from spinmeround_lite.dataset import heldout_names
     from spinmeround_lite.profiles import get_profile
     P = get_profile("cpu")
-    course_heldout = {identity_name(i) for i in range(P.identities - P.heldout_identities, P.identities)}
+    course_heldout = set(heldout_names(P))                  # 8 of the first 64 + 8 evaluation-only heads
+    assert len(course_heldout) == 16
     assert set(m["data"]["heldout"]) == course_heldout and m["data"]["identities_train"] >= P.identities - 8
     size = sum(p.stat().st_size for p in REF.rglob("*") if p.is_file())
     assert size < 64 * 2 ** 20, f"reference/cpu is {size / 2 ** 20:.0f} MiB: too large to commit"

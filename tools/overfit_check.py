@@ -1,0 +1,143 @@
+"""The overfit check of issue 12: can the profile's model learn a handful of heads by heart?
+
+    OMP_NUM_THREADS=1 python tools/overfit_check.py --profile cpu --heads 4 --steps 4000 --every 500 \
+        --run-dir runs/ref4-cpu --extra-identities 336 --out runs/overfit4
+
+A model that cannot fit 2-4 heads has a bug in its inputs, targets, masks, preconditioning or sampler, and no
+budget fixes it. The script trains the profile's model from scratch on the first ``--heads`` training heads of a
+run folder (the course's own trainer, ``train(identities=...)``), and every ``--every`` steps measures the teacher-
+forced check (``checks.teacher_forced``: the true frontal view given, the 7 other views of a 45-degree spread
+generated) on those same heads, with the profile's guidance scale and without guidance (cfg 1). Figures go to
+``<out>/overfit.json`` (one row per evaluation) and a picture per evaluation to ``<out>/overfit_<step>.png``.
+``--model DIR`` measures a saved model instead (no training), e.g. a reference checkpoint on its training heads.
+The run folder must hold the dataset, the autoencoder and the conditioning encoder (``tools/train_reference.py``
+builds them); it is only read.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spinmeround_lite.profiles import get_profile  # noqa: E402
+from spinmeround_lite.runs import Run  # noqa: E402
+
+
+def measure(model, codec, profile, heads, seed: int = 0) -> dict:
+    from spinmeround_lite import checks
+
+    out = {}
+    for name, cfg in (("cfg", profile.cfg_scale), ("cfg1", 1.0)):
+        tf = checks.teacher_forced(model, codec, profile.replace(cfg_scale=cfg), heads, mean_of=heads, seed=seed)
+        out[name] = tf["figures"]
+        out[name + "_pictures"] = tf
+    return out
+
+
+def picture(heads, res: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tf = res["cfg_pictures"]
+    N, P = heads.truth["rgb"].shape[:2]
+    fig, axes = plt.subplots(3 * N, P, figsize=(1.2 * P, 3.6 * N), squeeze=False)
+    for b in range(N):
+        for j in range(P):
+            for r, im in enumerate((heads.truth["rgb"][b, j], tf["rgb"][b, j], tf["normal"][b, j])):
+                ax = axes[3 * b + r, j]
+                ax.imshow(im.permute(1, 2, 0).clamp(0, 1))
+                ax.axis("off")
+    plt.suptitle(title, fontsize=9)
+    plt.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    plt.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--run-dir", required=True, help="a run folder with dataset, autoencoder and encoder")
+    ap.add_argument("--extra-identities", type=int, default=0, help="as the run folder was built with")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--every", type=int, default=500)
+    ap.add_argument("--out", default="runs/overfit")
+    ap.add_argument("--model", default=None, help="measure this saved SpinModel folder instead of training")
+    ap.add_argument("--lr", type=float, default=None)
+    args = ap.parse_args()
+
+    from spinmeround_lite import checks
+    from spinmeround_lite.checkpoints import load_checkpoint
+    from spinmeround_lite.dataset import HeadDataset, ensure_dataset
+    from spinmeround_lite.evaluate import _identity_params
+    from spinmeround_lite.identity import ensure_encoder
+    from spinmeround_lite.latents import ensure_vae
+    from spinmeround_lite.model import SpinModel
+    from spinmeround_lite.spinning import spin_yaws
+    from spinmeround_lite.train import checkpoint_dirs, train
+
+    base = get_profile(args.profile)
+    over = {"lr": args.lr} if args.lr else {}
+    profile = base.replace(use_reference=False, train_steps=args.steps, extra_train_identities=args.extra_identities,
+                           checkpoint_every=args.every, sample_every=0, **over)
+    run = Run(profile, args.run_dir, notebook="overfit", seed=0)
+    root = ensure_dataset(run)
+    ds = HeadDataset(root, "train")
+    ids = list(ds.ids[:args.heads])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    codec = ensure_vae(run, progress=False)
+    enc = ensure_encoder(run, "cond", progress=False)
+    yaws = spin_yaws(profile.views_per_sample)
+    heads = checks.make_heads([_identity_params(ds, i, root) for i in range(args.heads)], enc, yaws, profile.resolution)
+    rows = []
+    log = out / "overfit.json"
+
+    def record(model, step, seconds):
+        model.eval()
+        res = measure(model, codec, profile, heads)
+        row = {"step": step, "train_seconds": seconds, "identities": ids,
+               "cfg_scale": profile.cfg_scale, **{k: res[k] for k in ("cfg", "cfg1")}}
+        rows.append(row)
+        f = res["cfg"]
+        print(f"step {step}: teacher-forced SSIM {f['teacher_forced_ssim']:.3f} (cfg 1: "
+              f"{res['cfg1']['teacher_forced_ssim']:.3f}), mean head {f['teacher_forced_mean_head_ssim']:.3f}, "
+              f"normal err {f['teacher_forced_normal_err_deg']:.1f} deg, pose {f['pose_accuracy']:.2f}, "
+              f"identity {f['identity_accuracy']:.2f}", flush=True)
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(log)
+        picture(heads, res, out / f"overfit_{step:06d}.png",
+                f"overfit on {len(ids)} training heads, step {step}: true / generated / generated normals")
+
+    if args.model:
+        model = SpinModel.load(args.model, profile)
+        record(model, -1, 0.0)
+        return 0
+    t0, done = time.time(), 0
+    while done < args.steps:
+        r = train(run, steps=args.steps, out=out / "model", stop_after=args.every, grids=False, identities=ids,
+                  progress=False)
+        done = r.steps
+        ck = checkpoint_dirs(out / "model")
+        model = SpinModel.from_profile(profile)
+        state, _ = load_checkpoint(ck[-1], name="ema.safetensors")
+        model.load_state_dict(state)
+        record(model, done, time.time() - t0)
+        if r.steps_this_call == 0:
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
