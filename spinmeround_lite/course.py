@@ -37,7 +37,7 @@ REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
     "00_procedural_heads": ("identities", "views_per_identity", "resolution", "render_views_per_s", "mean_head_ssim"),
     "01_identity_tokens": ("same_id_cos", "diff_id_cos", "verification_auc", "context_shape"),
     "02_ray_maps": ("raymap_channels", "center_ray_max_err"),
-    "03_latent_space": ("vae_psnr_rgb", "vae_normal_angle_err_deg", "latent_scale"),
+    "03_latent_space": ("vae_psnr_rgb", "vae_normal_angle_err_deg", "vae_face_psnr_rgb", "latent_scale"),
     "04_3d_attention": ("unet_params", "in_channels", "out_channels", "attention_speedup_fused_vs_naive",
                         "attention_memory_ratio"),
     "05_edm_training": ("train_steps", "samples_per_s", "final_loss", "checkpoint"),

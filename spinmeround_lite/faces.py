@@ -307,6 +307,16 @@ def face_template(resolution: int) -> torch.Tensor:
     return (uv - 0.5).double()
 
 
+def face_box(resolution: int, margin: float = 0.6) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` pixel bounds of the face in a frontal render: the box of ``face_template``'s
+    eyes, nose and mouth, widened by ``margin`` times the eye distance on every side (slices ``[top:bottom]``)."""
+    pts = face_template(resolution)
+    pad = margin * float(pts[1, 0] - pts[0, 0])
+    lo, hi = pts.min(0).values - pad, pts.max(0).values + pad
+    clip = lambda v: int(min(max(round(float(v)), 0), resolution))
+    return clip(lo[1]), clip(hi[1]) + 1, clip(lo[0]), clip(hi[0]) + 1
+
+
 def similarity_to_template(keypoints, resolution: int) -> torch.Tensor:
     """M (2, 3): photo pixels -> pixels of the (R, R) crop, the least-squares similarity taking the keypoints
     (5, 2) onto ``face_template(R)`` (Umeyama)."""

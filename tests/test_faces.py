@@ -224,3 +224,16 @@ def test_distance_by_yaw_and_procedural_stats(photos, encoder):
     s = faces.procedural_face_stats(Renders(), encoder)
     assert s["views"] == 4 and 0 <= s["detection_rate"] <= 1
     assert s["auc_verdict"].split(":")[0] in ("high", "low", "not applicable")
+
+
+def test_face_box_holds_the_template_keypoints_and_scales_with_the_image():
+    from spinmeround_lite.faces import face_box, face_template
+
+    for res in (32, 64, 128):
+        top, bottom, left, right = face_box(res)
+        pts = face_template(res)
+        assert 0 <= top < bottom <= res and 0 <= left < right <= res
+        assert (pts[:, 0] >= left).all() and (pts[:, 0] < right).all()
+        assert (pts[:, 1] >= top).all() and (pts[:, 1] < bottom).all()
+        assert 0.25 * res < right - left < 0.75 * res          # a face, not the whole image
+    assert face_box(64, margin=0.0)[1] - face_box(64, margin=0.0)[0] < face_box(64)[1] - face_box(64)[0]
