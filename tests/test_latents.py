@@ -157,7 +157,8 @@ def test_evaluate_codec_measures_the_face_apart_from_the_image(tmp_path):
     from spinmeround_lite.faces import face_box
     from spinmeround_lite.latents import evaluate_codec
 
-    P = get_profile("test").replace(name="tiny", resolution=32, identities=3, heldout_identities=1, views_per_identity=8)
+    P = get_profile("test").replace(name="tiny", resolution=32, identities=3, heldout_identities=1,
+                                    views_per_identity=8)
     build_dataset(tmp_path, P)
     ds = HeadDataset(tmp_path, "heldout")
     t, b, l, r = face_box(32)
