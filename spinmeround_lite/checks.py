@@ -132,7 +132,8 @@ def teacher_forced(model, codec, profile, heads: Heads, mean_of: Heads | None = 
                    steps: int | None = None) -> dict:
     """The teacher-forced check (module docstring, 1) on ``heads``; ``mean_of``: training heads for the mean head.
 
-    Returns the figures (``teacher_forced_ssim``, ``_l2``, ``_normal_err_deg``, the mean head's, ``pose_accuracy``,
+    Returns the figures (``teacher_forced_ssim``, ``_l2``, ``_normal_err_deg``, the mean head's, the autoencoder's
+    ceiling (``teacher_forced_ceiling_ssim``, ``_normal_err_deg``: the truth encoded and decoded), ``pose_accuracy``,
     ``identity_accuracy`` with their chance levels) and the pictures' tensors (``rgb``, ``normal``: (N,P,3,H,W)).
     """
     N, P = heads.truth["rgb"].shape[:2]
@@ -147,6 +148,12 @@ def teacher_forced(model, codec, profile, heads: Heads, mean_of: Heads | None = 
     nerr = normal_distance(flat(nrm), flat(t["normal_rgb"]), flat(t["alpha"]))
     out = {"teacher_forced_ssim": ssim.mean().item(), "teacher_forced_l2": l2.mean().item(),
            "teacher_forced_normal_err_deg": nerr.mean().item()}
+    # the ceiling: the true views through the autoencoder and back, the best any latent model can draw
+    dev = codec.device
+    round_trip = lambda x: codec.decode(codec.encode(x.to(dev))).float().cpu().clamp(0, 1)
+    out["teacher_forced_ceiling_ssim"] = metrics.ssim(round_trip(flat(t["rgb"])), flat(t["rgb"])).mean().item()
+    out["teacher_forced_ceiling_normal_err_deg"] = normal_distance(
+        round_trip(flat(t["normal_rgb"])), flat(t["normal_rgb"]), flat(t["alpha"])).mean().item()
     if mean_of is not None:
         mh = mean_head(mean_of.truth)
         mh_rgb = mh["rgb"][None].expand(N, -1, -1, -1, -1)

@@ -100,6 +100,10 @@ def test_oracle_is_right_about_pose(heads):
     f = checks.teacher_forced(StandIn(heads, codec, blind=False), codec, P, heads, steps=2)["figures"]
     assert f["pose_accuracy"] == 1.0
     assert f["teacher_forced_normal_err_deg"] < 30       # the pooling codec blurs 4x4 blocks
+    # the oracle draws the true latents: it reaches the autoencoder's ceiling and no further
+    assert f["teacher_forced_ceiling_ssim"] < 0.99
+    assert abs(f["teacher_forced_ssim"] - f["teacher_forced_ceiling_ssim"]) < 0.02
+    assert abs(f["teacher_forced_normal_err_deg"] - f["teacher_forced_ceiling_normal_err_deg"]) < 2
 
 
 def test_spread_yaws_and_jittered_cameras():
