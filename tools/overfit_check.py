@@ -98,8 +98,8 @@ def main() -> int:
     enc = ensure_encoder(run, "cond", progress=False)
     yaws = spin_yaws(profile.views_per_sample)
     heads = checks.make_heads([_identity_params(ds, i, root) for i in range(args.heads)], enc, yaws, profile.resolution)
-    rows = []
     log = out / "overfit.json"
+    rows = json.loads(log.read_text()) if log.exists() and not args.model else []   # a longer rerun appends
 
     def record(model, step, seconds):
         model.eval()
