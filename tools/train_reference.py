@@ -2,17 +2,24 @@
 
     python tools/train_reference.py --profile cpu --steps 4000            # long; safe to stop and run again
     python tools/train_reference.py --profile cpu --steps 4000 --export   # copy what is trained so far
+    python tools/train_reference.py --profile cpu --steps 1000 --ablation no_identity   # an ablation reference
 
 The same functions the notebooks teach build everything in a run folder of its own (``runs/reference-<profile>``,
 which never reads reference checkpoints itself): the dataset (notebook 00), the conditioning identity encoder
 (01), the autoencoder (03) and the multi-view model with the profile's trainer (05), for ``--steps`` steps.
 Training resumes from its last checkpoint, so a killed run loses at most ``checkpoint_every`` steps.
 The export holds ``spin/`` (EMA weights), ``vae/``, ``id_cond/`` and ``manifest.json`` (profile, commit, data
-seed, steps, machine, figures). The sampling, splatting and evaluation notebooks of that profile start from them.
+seed, steps, machine, figures, data, recipe, samples seen, and one ``campaign`` entry per export). Weights are stored
+in float16 (they load into float32). The sampling, splatting and evaluation notebooks of that profile start from them.
+
+``--ablation NAME`` (``no_input_image``, ``no_identity``, ``no_normals`` or ``full_same_budget``) trains that variant
+in the same run folder, on the same data, for ``--steps`` steps, and exports it to ``reference/<profile>/ablation_NAME``
+(notebook 09 then loads it instead of training); the manifest's ``ablations`` entry records its budget.
 """
 
 import argparse
 import datetime as dt
+import os
 import platform
 import shutil
 import subprocess
@@ -28,10 +35,37 @@ from spinmeround_lite.profiles import get_profile  # noqa: E402
 from spinmeround_lite.runs import Run, read_json, write_json  # noqa: E402
 
 
-def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None:
+def export_model_dir(src: Path, tgt: Path) -> int:
+    """Copy a training folder's EMA weights to ``tgt`` in float16 (finished: its saved model; still training: its
+    newest checkpoint's EMA), with ``config.json``, ``loss.png`` and ``log.json``; ``COMPLETE`` last. -> steps."""
     from spinmeround_lite.checkpoints import load_checkpoint, save_checkpoint
     from spinmeround_lite.train import checkpoint_dirs
 
+    if Run.is_complete(src):
+        state, config = load_checkpoint(src)
+        steps = int(config.get("step", 0))
+    else:
+        ck = checkpoint_dirs(src)
+        if not ck:
+            raise SystemExit(f"no checkpoint in {src} yet")
+        state, config = load_checkpoint(ck[-1], name="ema.safetensors")
+        steps = int(ck[-1].name.split("_")[-1])
+    config = dict(config, step=steps)
+    tmp = tgt.with_name(tgt.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_checkpoint(tmp, {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, config)
+    for extra in ("loss.png", "log.json") if Run.is_complete(src) else ("loss.png",):   # a running log is stale
+        if (src / extra).exists():
+            shutil.copy2(src / extra, tmp / extra)
+    Run.mark_complete(tmp, {"step": steps, "dtype": "float16"})
+    if tgt.exists():
+        shutil.rmtree(tgt)
+    os.replace(tmp, tgt)
+    return steps
+
+
+def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None:
     spin_dir = run.model_dir("spin")
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("vae", "id_cond"):
@@ -42,21 +76,7 @@ def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None
         if tgt.exists():
             shutil.rmtree(tgt)
         shutil.copytree(src, tgt)
-    tgt = dest / "spin"
-    if tgt.exists():
-        shutil.rmtree(tgt)
-    if Run.is_complete(spin_dir):                     # finished: the exported EMA model as the trainer saved it
-        shutil.copytree(spin_dir, tgt, ignore=shutil.ignore_patterns("checkpoints", "samples"))
-    else:                                             # still training: the EMA weights of the last checkpoint
-        ck = checkpoint_dirs(spin_dir)
-        if not ck:
-            raise SystemExit(f"no checkpoint in {spin_dir} yet")
-        state, config = load_checkpoint(ck[-1], name="ema.safetensors")
-        save_checkpoint(tgt, state, config)
-        for extra in ("loss.png", "log.json"):
-            if (spin_dir / extra).exists():
-                shutil.copy2(spin_dir / extra, tgt / extra)
-        Run.mark_complete(tgt, {"from_checkpoint": ck[-1].name})
+    export_model_dir(spin_dir, dest / "spin")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     figs = {}
@@ -64,7 +84,9 @@ def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None
     if log.exists():
         lg = read_json(log)
         figs = {k: lg.get(k) for k in ("final_loss", "samples_per_s", "steps") if k in lg}
+    old = read_json(dest / "manifest.json") if (dest / "manifest.json").exists() else {}
     write_json(dest / "manifest.json", {
+        **{k: old[k] for k in ("campaign", "ablations") if k in old},
         "profile": run.profile.name, "commit": commit, "data_seed": run.seed, "train_steps": steps_done,
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, no GPU"
@@ -72,7 +94,8 @@ def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None
         "trained_on": "CPU: a long background run of the course's own trainer (no GPU was available)"
                       if not torch.cuda.is_available() else "CUDA GPU",
         "train_seconds": seconds, "figures": figs,
-        "parts": {"spin": "multi-view model, EMA weights", "vae": "autoencoder", "id_cond": "conditioning encoder"},
+        "parts": {"spin": "multi-view model, EMA weights, stored in float16 (loads into float32)",
+                  "vae": "autoencoder", "id_cond": "conditioning encoder"},
     })
     print(f"exported to {dest}")
 
@@ -89,6 +112,9 @@ def main() -> int:
                     help="training heads beyond the profile's (named after them; the held-out heads stay the course's)")
     ap.add_argument("--batch-size", type=int, default=None, help="samples per step (default: the profile's)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the profile's)")
+    ap.add_argument("--ablation", default=None,
+                    choices=["no_input_image", "no_identity", "no_normals", "full_same_budget"],
+                    help="train and export this ablation (same run folder and data) instead of the full model")
     args = ap.parse_args()
     base = get_profile(args.profile)
     over = {k: v for k, v in dict(batch_size=args.batch_size, lr=args.lr).items() if v is not None}
@@ -108,26 +134,58 @@ def main() -> int:
         ensure_encoder(run, "cond")
         ensure_vae(run)
         t0 = dt.datetime.now()
-        train(run, steps=args.steps)
+        if args.ablation:
+            from spinmeround_lite.evaluate import ABLATIONS
+            options = {} if args.ablation == "full_same_budget" else ABLATIONS[args.ablation]
+            train(run, steps=args.steps, out=run.model_dir(f"ablation_{args.ablation}"), grids=False, **options)
+        else:
+            train(run, steps=args.steps)
         seconds = (dt.datetime.now() - t0).total_seconds()
     else:
         seconds = None
+    if args.ablation:
+        return export_ablation(run, dest, args.ablation, seconds)
     from spinmeround_lite.train import checkpoint_dirs
     ck = checkpoint_dirs(run.model_dir("spin"))
     done = args.steps if Run.is_complete(run.model_dir("spin")) else (int(ck[-1].name.split("_")[-1]) if ck else 0)
     export(run, dest, done, seconds)
-    from spinmeround_lite.dataset import read_meta
-    meta = read_meta(run.data_dir)
     man = read_json(dest / "manifest.json")
-    man["data"] = {"identities_train": len(meta["splits"]["train"]),
-                   "identities_heldout": len(meta["splits"]["heldout"]), "heldout": meta["splits"]["heldout"],
-                   "views_per_identity": meta["views_per_identity"],
-                   "resolution": meta["resolution"], "per_identity_cameras": meta["camera"].get("per_identity_cameras"),
-                   "extra_train_identities": args.extra_identities, "seed": run.seed}
+    man["data"] = data_entry(run, args.extra_identities)
     man["recipe"] = {k: getattr(run.profile, k) for k in ("batch_size", "lr", "views_per_sample", "ema_decay",
                                                             "stage1_fraction", "vae_steps", "vae_lr")}
     man["samples_seen"] = done * run.profile.batch_size * run.profile.grad_accum
+    man.setdefault("campaign", []).append(
+        {"exported": man["created"], "steps": done, "seconds_this_call": seconds, "threads": torch.get_num_threads()})
     write_json(dest / "manifest.json", man)
+    return 0
+
+
+def data_entry(run: Run, extra_identities: int) -> dict:
+    """Which data a reference model saw: the run's train split; held out: the profile's held-out heads (those of
+    the run's data and the evaluation-only heads, which no training set reaches)."""
+    from spinmeround_lite.dataset import heldout_names, read_meta
+    meta = read_meta(run.data_dir)
+    heldout = heldout_names(run.profile)
+    leaked = set(meta["splits"]["train"]) & set(heldout)
+    if leaked:
+        raise SystemExit(f"held-out heads {sorted(leaked)[:5]} are in the training split of {run.data_dir}")
+    return {"identities_train": len(meta["splits"]["train"]), "identities_heldout": len(heldout), "heldout": heldout,
+            "views_per_identity": meta["views_per_identity"],
+            "resolution": meta["resolution"], "per_identity_cameras": meta["camera"].get("per_identity_cameras"),
+            "extra_train_identities": extra_identities, "seed": run.seed}
+
+
+def export_ablation(run: Run, dest: Path, name: str, seconds: float | None) -> int:
+    """``reference/<profile>/ablation_<name>`` (float16) and its budget in the reference manifest."""
+    steps = export_model_dir(run.model_dir(f"ablation_{name}"), dest / f"ablation_{name}")
+    man_path = dest / "manifest.json"
+    man = read_json(man_path) if man_path.exists() else {}
+    man.setdefault("ablations", {})[name] = {
+        "steps": steps, "samples_seen": steps * run.profile.batch_size * run.profile.grad_accum,
+        "seconds": seconds, "data": "the full reference's run folder and training heads",
+        "created": dt.datetime.now().isoformat(timespec="seconds")}
+    write_json(man_path, man)
+    print(f"exported ablation {name} ({steps} steps) to {dest / f'ablation_{name}'}")
     return 0
 
 
