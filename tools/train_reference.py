@@ -94,8 +94,8 @@ def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None
         "trained_on": "CPU: a long background run of the course's own trainer (no GPU was available)"
                       if not torch.cuda.is_available() else "CUDA GPU",
         "train_seconds": seconds, "figures": figs,
-        "parts": {"spin": "multi-view model, EMA weights, stored in float16 (loads into float32)",
-                  "vae": "autoencoder", "id_cond": "conditioning encoder"},
+        "parts": {"vae": "autoencoder", "id_cond": "conditioning encoder", **old.get("parts", {}),
+                  "spin": "multi-view model, EMA weights, stored in float16 (loads into float32)"},
     })
     print(f"exported to {dest}")
 
