@@ -38,3 +38,28 @@ def test_cpu_reference_loads_and_has_a_manifest(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     assert codec.encode(x).shape == (1, 4, 16, 16)
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+def test_reference_export_stores_half_precision_that_loads(tmp_path):
+    """tools/train_reference.py's export: float16 on disk, the step in its config, loads into the float32 model."""
+    import importlib.util
+
+    from spinmeround_lite.model import SpinModel
+
+    spec = importlib.util.spec_from_file_location("train_reference", Path(__file__).parents[1] / "tools" /
+                                                  "train_reference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    model = SpinModel.from_profile("test")
+    src = tmp_path / "trained"
+    model.save(src, info={"step": 12, "weights": "ema"})
+    Run.mark_complete(src, {"step": 12})
+    assert tool.export_model_dir(src, tmp_path / "ref") == 12
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype in (torch.float16, torch.int64) for k in f.keys())
+    loaded = SpinModel.load(tmp_path / "ref", "test")
+    assert loaded.config["step"] == 12 and Run.is_complete(tmp_path / "ref")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, atol=2e-3, rtol=2e-3)
