@@ -61,6 +61,44 @@ def picture(heads, res: dict, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def plot_curve(rows: list[dict], path: Path) -> None:
+    """Teacher-forced SSIM and normal error against the step, with the mean head and the autoencoder's ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["step"] >= 0]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(steps, [r["cfg"]["teacher_forced_ssim"] for r in rows], "o-", label=f"model (cfg {rows[0]['cfg_scale']:g})")
+    a.plot(steps, [r["cfg1"]["teacher_forced_ssim"] for r in rows], "s--", label="model (cfg 1)")
+    ceiling = rows[-1]["cfg"].get("teacher_forced_ceiling_ssim")
+    if ceiling is not None:
+        a.axhline(ceiling, color="k", lw=1, label="autoencoder ceiling")
+    a.axhline(rows[-1]["cfg"]["teacher_forced_mean_head_ssim"], color="grey", ls=":", label="mean of these heads")
+    a.set_xlabel("training step")
+    a.set_ylabel("teacher-forced SSIM")
+    b.plot(steps, [r["cfg"]["teacher_forced_normal_err_deg"] for r in rows], "o-", label="model")
+    b.axhline(rows[-1]["cfg"]["teacher_forced_mean_head_normal_err_deg"], color="grey", ls=":", label="mean head")
+    ceiling = rows[-1]["cfg"].get("teacher_forced_ceiling_normal_err_deg")
+    if ceiling is not None:
+        b.axhline(ceiling, color="k", lw=1, label="autoencoder ceiling")
+    b.set_xlabel("training step")
+    b.set_ylabel("normal error (deg)")
+    for ax in (a, b):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"overfit check: {len(rows[-1]['identities'])} training heads, the cpu-size model", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
@@ -72,7 +110,11 @@ def main() -> int:
     ap.add_argument("--out", default="runs/overfit")
     ap.add_argument("--model", default=None, help="measure this saved SpinModel folder instead of training")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--plot", action="store_true", help="only draw <out>/overfit_curve.png from <out>/overfit.json")
     args = ap.parse_args()
+    if args.plot:
+        plot_curve(json.loads((Path(args.out) / "overfit.json").read_text()), Path(args.out) / "overfit_curve.png")
+        return 0
 
     from spinmeround_lite import checks
     from spinmeround_lite.checkpoints import load_checkpoint
@@ -115,6 +157,7 @@ def main() -> int:
         tmp = log.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1))
         tmp.replace(log)
+        plot_curve(rows, out / "overfit_curve.png")
         picture(heads, res, out / f"overfit_{step:06d}.png",
                 f"overfit on {len(ids)} training heads, step {step}: true / generated / generated normals")
 
