@@ -111,6 +111,7 @@ def test_committed_notebooks_have_no_outputs_and_one_parameters_cell():
     assert nbs, "the course has no notebooks"
     for p in nbs:
         nb = nbformat.read(p, as_version=4)
+        nbformat.validate(nb)             # the schema of its own version (cell ids only from nbformat 4.5 on)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{p.name} carries outputs"
         params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
