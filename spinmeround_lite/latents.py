@@ -299,9 +299,8 @@ def evaluate_codec(codec: LatentCodec, ds, max_identities: int = 8, views: int |
         rec_nrm = codec.decode(codec.encode(d["normal_rgb"])).cpu()
         psnrs.append(psnr(rec_rgb, d["rgb"]))
         angles.append(normal_angle_error_deg(normal_rgb_to_vec(rec_nrm), d["normal"], (d["alpha"] > 0.5).float()))
-        a = ds.arrays(i)
-        yaw = (torch.as_tensor(a["yaw"], dtype=torch.float32)[idx] + 180) % 360 - 180
-        front = (yaw.abs() < 30) & (torch.as_tensor(a["pitch"], dtype=torch.float32)[idx].abs() < 20)
+        yaw = (d["yaw"].float() + 180) % 360 - 180                      # the views' own angles, wrapped
+        front = (yaw.abs() < 30) & (d["pitch"].float().abs() < 20)
         if front.any():
             faces.append(psnr(rec_rgb[front][..., t:b, l:r], d["rgb"][front][..., t:b, l:r]))
     face = torch.cat(faces).mean().item() if faces else float("nan")
