@@ -145,7 +145,8 @@ def build_dataset(root: str | Path, profile: Profile | str, seed: int = 0, devic
                                  jitter_seed=identity_seed(seed, i) if P.camera_jitter else None)
         write_identity(root / f"{name}.npz", arrays)
     heldout = heldout_names(P)
-    train = [n for n in names if n not in set(heldout)]
+    held = set(heldout)
+    train = [n for n in names if n not in held]
     write_json(root / "dataset.json", {
         "format": FORMAT,
         "resolution": P.resolution,

@@ -119,7 +119,6 @@ def main() -> int:
     from spinmeround_lite import checks
     from spinmeround_lite.checkpoints import load_checkpoint
     from spinmeround_lite.dataset import HeadDataset, ensure_dataset
-    from spinmeround_lite.evaluate import _identity_params
     from spinmeround_lite.identity import ensure_encoder
     from spinmeround_lite.latents import ensure_vae
     from spinmeround_lite.model import SpinModel
@@ -139,7 +138,7 @@ def main() -> int:
     codec = ensure_vae(run, progress=False)
     enc = ensure_encoder(run, "cond", progress=False)
     yaws = spin_yaws(profile.views_per_sample)
-    heads = checks.make_heads([_identity_params(ds, i, root) for i in range(args.heads)], enc, yaws, profile.resolution)
+    heads = checks.make_heads([ds.params(i) for i in range(args.heads)], enc, yaws, profile.resolution)
     log = out / "overfit.json"
     rows = json.loads(log.read_text()) if log.exists() and not args.model else []   # a longer rerun appends
 

@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spinmeround_lite.evaluate import ABLATIONS  # noqa: E402
 from spinmeround_lite.profiles import get_profile  # noqa: E402
 from spinmeround_lite.runs import Run, read_json, write_json  # noqa: E402
 
@@ -65,7 +66,8 @@ def export_model_dir(src: Path, tgt: Path) -> int:
     return steps
 
 
-def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None:
+def export(run: Run, dest: Path, seconds: float | None) -> int:
+    """``vae/``, ``id_cond/``, ``spin/`` (float16) and ``manifest.json`` into ``dest``; -> the model's steps."""
     spin_dir = run.model_dir("spin")
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("vae", "id_cond"):
@@ -76,7 +78,7 @@ def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None
         if tgt.exists():
             shutil.rmtree(tgt)
         shutil.copytree(src, tgt)
-    export_model_dir(spin_dir, dest / "spin")
+    steps_done = export_model_dir(spin_dir, dest / "spin")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     figs = {}
@@ -98,6 +100,7 @@ def export(run: Run, dest: Path, steps_done: int, seconds: float | None) -> None
                   "spin": "multi-view model, EMA weights, stored in float16 (loads into float32)"},
     })
     print(f"exported to {dest}")
+    return steps_done
 
 
 def main() -> int:
@@ -113,7 +116,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="samples per step (default: the profile's)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the profile's)")
     ap.add_argument("--ablation", default=None,
-                    choices=["no_input_image", "no_identity", "no_normals", "full_same_budget"],
+                    choices=[*ABLATIONS, "full_same_budget"],
                     help="train and export this ablation (same run folder and data) instead of the full model")
     args = ap.parse_args()
     base = get_profile(args.profile)
@@ -135,7 +138,6 @@ def main() -> int:
         ensure_vae(run)
         t0 = dt.datetime.now()
         if args.ablation:
-            from spinmeround_lite.evaluate import ABLATIONS
             options = {} if args.ablation == "full_same_budget" else ABLATIONS[args.ablation]
             train(run, steps=args.steps, out=run.model_dir(f"ablation_{args.ablation}"), grids=False, **options)
         else:
@@ -145,10 +147,7 @@ def main() -> int:
         seconds = None
     if args.ablation:
         return export_ablation(run, dest, args.ablation, seconds)
-    from spinmeround_lite.train import checkpoint_dirs
-    ck = checkpoint_dirs(run.model_dir("spin"))
-    done = args.steps if Run.is_complete(run.model_dir("spin")) else (int(ck[-1].name.split("_")[-1]) if ck else 0)
-    export(run, dest, done, seconds)
+    done = export(run, dest, seconds)
     man = read_json(dest / "manifest.json")
     man["data"] = data_entry(run, args.extra_identities)
     man["recipe"] = {k: getattr(run.profile, k) for k in ("batch_size", "lr", "views_per_sample", "ema_decay",
