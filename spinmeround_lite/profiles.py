@@ -47,6 +47,7 @@ class Profile:
     vae_steps: int = 300
     vae_batch: int = 16
     vae_lr: float = 2e-3                # peak learning rate (warm-up, then cosine to 5 %)
+    vae_edge_weight: float = 0.0        # extra weight of edge pixels (eyes, mouth) in the loss (latents.vae_loss)
     vae_pretrained: str = ""            # local folder of a diffusers AutoencoderKL (SD1.5 VAE at `paper`)
     # --- multi-view UNet (notebook 04) ---------------------------------------------------
     unet_channels: tuple = (64, 128, 128)
@@ -63,6 +64,7 @@ class Profile:
     grad_accum: int = 1
     lr: float = 2e-4
     ema_decay: float = 0.999
+    lr_decay_steps: int = 0             # cosine decay of the learning rate to 5 % over the run's last steps (0: none)
     stage1_fraction: float = 0.5        # fraction of steps in stage 1 (one conditioning view)
     checkpoint_every: int = 100
     sample_every: int = 100

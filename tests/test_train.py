@@ -144,6 +144,25 @@ def test_killed_and_resumed_run_reaches_bitwise_the_same_weights(run, tmp_path):
     assert all(torch.equal(a[k], v) for k, v in _weights(ref).items())
 
 
+def test_a_run_started_from_a_saved_model_begins_at_its_weights(run, tmp_path):
+    r = _tiny(run, checkpoint_every=2, sample_every=0)
+    T.train(r, steps=2, out=tmp_path / "first", resume=False, progress=False)
+    start = _weights(tmp_path / "first")
+    still = _tiny(run, checkpoint_every=2, sample_every=0, lr=0.0)             # no learning: the weights stay
+    T.train(still, steps=2, out=tmp_path / "second", resume=False, progress=False, init_from=tmp_path / "first")
+    b = _weights(tmp_path / "second")
+    assert all(torch.equal(start[k], b[k]) for k in start)
+    assert SpinModel.load(tmp_path / "second", "test").config["init_from"]        # recorded
+    fresh = T.train(still, steps=2, out=tmp_path / "third", resume=False, progress=False)
+    assert fresh.finished and not all(torch.equal(start[k], v) for k, v in _weights(tmp_path / "third").items())
+    wide = tmp_path / "wide"                                                    # another configuration: refused
+    shutil.copytree(tmp_path / "first", wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(dict(cfg, unet_channels=[64, 128])))
+    with pytest.raises(CheckpointError):
+        T.train(still, steps=2, out=tmp_path / "fourth", resume=False, progress=False, init_from=wide)
+
+
 def test_two_process_cpu_run_trains_and_its_checkpoint_loads(run, data, tmp_path):
     out = tmp_path / "ddp"
     exe = Path(sys.executable).parent / "accelerate"
@@ -172,3 +191,16 @@ def test_two_process_cpu_run_trains_and_its_checkpoint_loads(run, data, tmp_path
     shutil.copytree(out, other.model_dir("spin"))
     model, source = T.ensure_model(other)
     assert source == "trained" and isinstance(model, SpinModel)
+
+
+def test_learning_rate_warms_up_holds_and_decays_at_the_end():
+    from spinmeround_lite.profiles import get_profile
+    p = get_profile("test").replace(lr=1e-3, lr_decay_steps=100)
+    total = 1000
+    rates = [T.lr_at(s, total, p) for s in range(total)]
+    assert rates[0] < rates[50] < rates[99] == pytest.approx(1e-3)           # warm-up: a tenth of the run
+    assert all(r == pytest.approx(1e-3) for r in rates[100:900])             # constant
+    assert all(a >= b for a, b in zip(rates[900:], rates[901:]))             # falling over the last 100 steps
+    assert rates[-1] == pytest.approx(0.05e-3) and rates[899] > rates[950] > rates[-1]
+    flat = get_profile("test").replace(lr=1e-3, lr_decay_steps=0)
+    assert T.lr_at(total - 1, total, flat) == pytest.approx(1e-3)             # no decay by default

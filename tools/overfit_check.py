@@ -110,6 +110,9 @@ def main() -> int:
     ap.add_argument("--out", default="runs/overfit")
     ap.add_argument("--model", default=None, help="measure this saved SpinModel folder instead of training")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--decay-steps", type=int, default=None,
+                    help="cosine learning-rate decay over the last N steps (profile.lr_decay_steps); a longer rerun "
+                         "of a finished constant-rate run resumes it and decays over its new last N steps")
     ap.add_argument("--plot", action="store_true", help="only draw <out>/overfit_curve.png from <out>/overfit.json")
     args = ap.parse_args()
     if args.plot:
@@ -127,6 +130,8 @@ def main() -> int:
 
     base = get_profile(args.profile)
     over = {"lr": args.lr} if args.lr else {}
+    if args.decay_steps is not None:
+        over["lr_decay_steps"] = args.decay_steps
     profile = base.replace(use_reference=False, train_steps=args.steps, extra_train_identities=args.extra_identities,
                            checkpoint_every=args.every, sample_every=0, **over)
     run = Run(profile, args.run_dir, notebook="overfit", seed=0)

@@ -66,9 +66,10 @@ def export_model_dir(src: Path, tgt: Path) -> int:
     return steps
 
 
-def export(run: Run, dest: Path, seconds: float | None) -> int:
-    """``vae/``, ``id_cond/``, ``spin/`` (float16) and ``manifest.json`` into ``dest``; -> the model's steps."""
-    spin_dir = run.model_dir("spin")
+def export(run: Run, dest: Path, seconds: float | None, model_name: str = "spin") -> int:
+    """``vae/``, ``id_cond/``, ``spin/`` (float16, from the run's ``model_name`` folder) and ``manifest.json`` into
+    ``dest``; -> the model's steps."""
+    spin_dir = run.model_dir(model_name)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("vae", "id_cond"):
         src = run.model_dir(name)
@@ -115,12 +116,26 @@ def main() -> int:
                     help="training heads beyond the profile's (named after them; the held-out heads stay the course's)")
     ap.add_argument("--batch-size", type=int, default=None, help="samples per step (default: the profile's)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the profile's)")
+    ap.add_argument("--decay-steps", type=int, default=None,
+                    help="cosine learning-rate decay over the last N steps (default: the profile's lr_decay_steps)")
+    ap.add_argument("--init-from", default=None,
+                    help="a saved multi-view model folder to start from (a fine-tuning stage of the campaign, e.g. "
+                         "onto a retrained autoencoder); trains into --model-name")
+    ap.add_argument("--model-name", default="spin",
+                    help="the run's model folder to train and export as spin/ (a fine-tuning stage: its own name)")
+    ap.add_argument("--vae-finetune", type=int, default=0,
+                    help="first train the run's autoencoder on for N steps with the edge-weighted loss "
+                         "(latents.finetune_vae; once: skipped when already done); then fine-tune the model onto it")
+    ap.add_argument("--vae-lr", type=float, default=3e-4, help="peak learning rate of --vae-finetune")
+    ap.add_argument("--vae-edge-weight", type=float, default=4.0, help="edge weight of --vae-finetune")
+    ap.add_argument("--note", default=None, help="a line for this export's campaign entry")
     ap.add_argument("--ablation", default=None,
                     choices=[*ABLATIONS, "full_same_budget"],
                     help="train and export this ablation (same run folder and data) instead of the full model")
     args = ap.parse_args()
     base = get_profile(args.profile)
-    over = {k: v for k, v in dict(batch_size=args.batch_size, lr=args.lr).items() if v is not None}
+    over = {k: v for k, v in dict(batch_size=args.batch_size, lr=args.lr, lr_decay_steps=args.decay_steps).items()
+            if v is not None}
     profile = base.replace(use_reference=False, train_steps=args.steps, extra_train_identities=args.extra_identities,
                            checkpoint_every=max(50, min(250, args.steps // 10)),
                            sample_every=max(100, args.steps // 8), **over)
@@ -136,25 +151,42 @@ def main() -> int:
         ensure_dataset(run)
         ensure_encoder(run, "cond")
         ensure_vae(run)
+        if args.vae_finetune:
+            from spinmeround_lite.latents import finetune_vae
+            done_ft = read_json(run.model_dir("vae") / "train.json").get("finetune", {})
+            if (done_ft.get("steps"), done_ft.get("edge_weight")) != (args.vae_finetune, args.vae_edge_weight):
+                finetune_vae(run, args.vae_finetune, args.vae_lr, args.vae_edge_weight)
         t0 = dt.datetime.now()
         if args.ablation:
             options = {} if args.ablation == "full_same_budget" else ABLATIONS[args.ablation]
             train(run, steps=args.steps, out=run.model_dir(f"ablation_{args.ablation}"), grids=False, **options)
         else:
-            train(run, steps=args.steps)
+            train(run, steps=args.steps, out=run.model_dir(args.model_name), init_from=args.init_from)
         seconds = (dt.datetime.now() - t0).total_seconds()
     else:
         seconds = None
     if args.ablation:
         return export_ablation(run, dest, args.ablation, seconds)
-    done = export(run, dest, seconds)
+    done = export(run, dest, seconds, args.model_name)
     man = read_json(dest / "manifest.json")
     man["data"] = data_entry(run, args.extra_identities)
     man["recipe"] = {k: getattr(run.profile, k) for k in ("batch_size", "lr", "views_per_sample", "ema_decay",
-                                                            "stage1_fraction", "vae_steps", "vae_lr")}
-    man["samples_seen"] = done * run.profile.batch_size * run.profile.grad_accum
-    man.setdefault("campaign", []).append(
-        {"exported": man["created"], "steps": done, "seconds_this_call": seconds, "threads": torch.get_num_threads()})
+                                                            "stage1_fraction", "lr_decay_steps", "vae_steps",
+                                                            "vae_lr", "vae_edge_weight")}
+    campaign = man.setdefault("campaign", [])
+    entry = {"exported": man["created"], "steps": done, "seconds_this_call": seconds,
+             "threads": torch.get_num_threads(), "model_folder": args.model_name}
+    if args.init_from:
+        entry["init_from"] = str(args.init_from)
+    if args.note:
+        entry["note"] = args.note
+    campaign.append(entry)
+    # the steps of every stage (a stage exported twice is one run, further on: its last export counts)
+    last = {}
+    for c in campaign:
+        last[c.get("model_folder", "spin")] = c["steps"]
+    man["train_steps_all_stages"] = sum(last.values())
+    man["samples_seen"] = man["train_steps_all_stages"] * run.profile.batch_size * run.profile.grad_accum
     write_json(dest / "manifest.json", man)
     return 0
 
