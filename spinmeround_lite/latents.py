@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -222,54 +221,28 @@ def composite(rgb_white: torch.Tensor, alpha: torch.Tensor, colour: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
-def edge_map(target: torch.Tensor) -> torch.Tensor:
-    """Where ``target (N, 3, H, W)`` (in [-1, 1]) has edges: the largest colour step to a neighbour pixel, summed
-    over channels, spread to the 3x3 neighbourhood and clipped to 1. ``(N, 1, H, W)`` in [0, 1]: 1 on eyes, brows,
-    mouth, glasses and outlines, 0 on flat skin, hair and background."""
-    dy = (target[:, :, 1:] - target[:, :, :-1]).abs().sum(1, keepdim=True)
-    dx = (target[..., 1:] - target[..., :-1]).abs().sum(1, keepdim=True)
-    g = torch.maximum(torch.nn.functional.pad(dy, (0, 0, 0, 1)), torch.nn.functional.pad(dx, (0, 1)))
-    return torch.nn.functional.max_pool2d(g, 3, stride=1, padding=1).clamp(max=1.0)
-
-
-def vae_loss(vae, x: torch.Tensor, kl_weight: float = KL_WEIGHT, edge_weight: float = 0.0
-             ) -> tuple[torch.Tensor, dict]:
+def vae_loss(vae, x: torch.Tensor, kl_weight: float = KL_WEIGHT) -> tuple[torch.Tensor, dict]:
     """``L1 + L2`` reconstruction of ``x (N, 3, H, W)`` in [0, 1] plus ``kl_weight`` times the KL to N(0, I).
 
     Both terms are means (per pixel value, per latent element). The latent is sampled from the posterior
     (reparameterisation), as in Stable Diffusion's autoencoder training.
-
-    ``edge_weight > 0``: each pixel's error counts ``1 + edge_weight * edge_map(x)`` times, and an L1 term on the
-    image gradients (neighbour differences) is added. At 64 pixels the eyes and mouth are a few pixels of a
-    mostly flat image: a plain per-pixel loss is nearly satisfied by a smooth face (issue 12's face PSNR), and
-    Stable Diffusion's autoencoder gets its sharpness from a perceptual and an adversarial loss that this
-    offline course has no pretrained network for; weighting the edges is the cheap stand-in.
     """
     target = x * 2 - 1
     post = vae.encode(target).latent_dist
     z = post.sample()
     rec = vae.decode(z).sample
-    err = rec - target
-    w = 1.0 + edge_weight * edge_map(target) if edge_weight > 0 else 1.0
-    l1 = (w * err.abs()).mean()
-    l2 = (w * err ** 2).mean()
+    l1 = (rec - target).abs().mean()
+    l2 = ((rec - target) ** 2).mean()
     kl = post.kl().mean() / z[0].numel()
     loss = l1 + l2 + kl_weight * kl
-    parts = {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
-    if edge_weight > 0:
-        grad = ((err[:, :, 1:] - err[:, :, :-1]).abs().mean() + (err[..., 1:] - err[..., :-1]).abs().mean()) / 2
-        loss = loss + grad
-        parts["grad"] = grad.item()
-    return loss, {"loss": loss.item(), **parts}
+    return loss, {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
 
 
 def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 2e-3, kl_weight: float = KL_WEIGHT,
-              seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
-              edge_weight: float = 0.0, callback=None, every: int = 0) -> list[dict]:
+              seed: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
     """Adam on ``vae_loss`` for ``steps`` batches from ``pool``: a linear warm-up over the first 100 steps (or a
     tenth of a shorter run), then a cosine decay to 5 % of ``lr``.
 
-    ``callback(step, vae)`` is called every ``every`` steps (a measurement; it may switch the model to eval mode).
     Returns one dict of loss terms per step.
     """
     vae.to(device).train().requires_grad_(True)
@@ -282,7 +255,7 @@ def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 2e-3, kl
     bar = tqdm(range(steps), desc="training the autoencoder", disable=not progress)
     for step in bar:
         x = pool.batch(batch, g).to(device)
-        loss, parts = vae_loss(vae, x, kl_weight, edge_weight)
+        loss, parts = vae_loss(vae, x, kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,9 +263,6 @@ def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 2e-3, kl
         history.append(parts)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        if callback is not None and every and (step + 1) % every == 0:
-            callback(step + 1, vae)
-            vae.train().requires_grad_(True)
     vae.eval().requires_grad_(False)
     return history
 
@@ -362,80 +332,17 @@ def build_trained_vae(run: Run, folder: Path, progress: bool = True) -> dict:
     vae = build_vae(p)
     t0 = time.perf_counter()
     history = train_vae(vae, pool, p.vae_steps, p.vae_batch, lr=p.vae_lr, seed=run.seed, device=run.device,
-                        progress=progress, edge_weight=p.vae_edge_weight)
+                        progress=progress)
     seconds = time.perf_counter() - t0
     g = torch.Generator().manual_seed(run.seed + 1)
     sample = pool.batch(min(256, 2 * len(pool)), g, p_bg=0.5)
     scale, stats = measure_scale(vae, sample)
     vae.register_to_config(scaling_factor=scale)
     vae.to("cpu").save_pretrained(str(folder), safe_serialization=True)
-    info = {"source": "trained", "steps": p.vae_steps, "batch": p.vae_batch, "lr": p.vae_lr,
-            "edge_weight": p.vae_edge_weight, "seconds": seconds,
+    info = {"source": "trained", "steps": p.vae_steps, "batch": p.vae_batch, "lr": p.vae_lr, "seconds": seconds,
             "final_loss": history[-1]["loss"] if history else None, "latent_stats": stats, "scale": scale,
             "history": [h["loss"] for h in history]}
     write_json(folder / "train.json", info)
-    return info
-
-
-def finetune_vae(run: Run, steps: int, lr: float, edge_weight: float, every: int = 500, progress: bool = True
-                 ) -> dict:
-    """Train the run's autoencoder (``models/vae``) on, encoder and decoder, with ``vae_loss(edge_weight=...)``.
-
-    Its latents move, so every model trained on the old ones must be fine-tuned onto them
-    (``train(init_from=...)``), and the latent cache is rebuilt on its next use (its fingerprint changes). The
-    whole-image PSNR, normal error and face PSNR on the held-out heads (measured, never trained on) are logged
-    every ``every`` steps; the new folder replaces the old one only when complete (built beside it, then renamed).
-    Returns the new ``train.json``.
-    """
-    from .dataset import HeadDataset, ensure_dataset
-    p = run.profile
-    folder = run.model_dir("vae")
-    if not Run.is_complete(folder):
-        raise CheckpointError(f"{folder} holds no trained autoencoder: build it first (notebook 03, or "
-                              "tools/train_reference.py without --vae-finetune)")
-    vae = load_vae(folder)
-    old = read_json(folder / "train.json") if (folder / "train.json").exists() else {}
-    root = ensure_dataset(run)
-    train = HeadDataset(root, "train", cache=False)
-    held = HeadDataset(root, "heldout", cache=False)
-    pool = ImagePool(train, max_identities=max(1, POOL_VIEWS // train.views_per_identity), progress=progress)
-
-    def measure(step, model):
-        row = {"step": step, **evaluate_codec(LatentCodec(model, resolution=p.resolution), held)}
-        checks.append(row)
-        if progress:
-            print(f"autoencoder step {step}: held-out PSNR {row['psnr_rgb']:.2f} dB, normals "
-                  f"{row['normal_angle_err_deg']:.2f} deg, face {row['face_psnr_rgb']:.2f} dB", flush=True)
-
-    checks: list[dict] = []
-    measure(0, vae)
-    t0 = time.perf_counter()
-    history = train_vae(vae, pool, steps, p.vae_batch, lr=lr, seed=run.seed + 2, device=run.device,
-                        progress=progress, edge_weight=edge_weight, callback=measure, every=every)
-    seconds = time.perf_counter() - t0
-    if not checks or checks[-1]["step"] != steps:
-        measure(steps, vae)
-    scale, stats = measure_scale(vae, pool.batch(min(256, 2 * len(pool)), torch.Generator().manual_seed(run.seed + 1),
-                                                 p_bg=0.5))
-    vae.register_to_config(scaling_factor=scale)
-    info = {**{k: v for k, v in old.items() if k != "history"}, "scale": scale, "latent_stats": stats,
-            "finetune": {"from": {k: old.get(k) for k in ("steps", "batch", "lr", "scale") if k in old},
-                         "steps": steps, "batch": p.vae_batch, "lr": lr, "edge_weight": edge_weight,
-                         "seconds": seconds, "heldout_checks": checks,
-                         "history": [h["loss"] for h in history]}}
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    vae.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
-    write_json(tmp / "train.json", info)
-    Run.mark_complete(tmp)
-    old_dir = folder.with_name(folder.name + ".old")
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-    os.replace(folder, old_dir)
-    os.replace(tmp, folder)
-    shutil.rmtree(old_dir)
     return info
 
 
@@ -626,7 +533,6 @@ def ensure_latent_cache(run: Run, codec: LatentCodec | None = None, progress: bo
 
 
 __all__ = ["resolve_local_folder", "norm_groups", "vae_config", "build_vae", "load_vae", "LatentCodec", "ImagePool",
-           "composite", "vae_loss", "train_vae", "measure_scale", "evaluate_codec", "build_trained_vae", "finetune_vae",
-           "ensure_vae", "edge_map",
+           "composite", "vae_loss", "train_vae", "measure_scale", "evaluate_codec", "build_trained_vae", "ensure_vae",
            "vae_fingerprint", "background_colours", "encode_identity", "build_latent_cache", "LatentCache",
            "ensure_latent_cache"]

@@ -47,7 +47,6 @@ class Profile:
     vae_steps: int = 300
     vae_batch: int = 16
     vae_lr: float = 2e-3                # peak learning rate (warm-up, then cosine to 5 %)
-    vae_edge_weight: float = 0.0        # extra weight of edge pixels (eyes, mouth) in the loss (latents.vae_loss)
     vae_pretrained: str = ""            # local folder of a diffusers AutoencoderKL (SD1.5 VAE at `paper`)
     # --- multi-view UNet (notebook 04) ---------------------------------------------------
     unet_channels: tuple = (64, 128, 128)
@@ -55,7 +54,7 @@ class Profile:
     unet_head_dim: int = 32             # channels per attention head (heads = channels // this)
     unet_heads: int = 0                 # fixed head count at every level instead (SD1.5: 8); 0 = use unet_head_dim
     unet_attn_levels: tuple = ()        # levels with attention blocks; () = all (SD1.5: all but the coarsest)
-    unet_3d_levels: int = -1            # how many of the coarsest levels use 3D attention; -1 = all but the finest
+    unet_3d_levels: int = -1            # the k coarsest levels get 3D attention; -1 = the paper rule (<= 32x32)
     unet_pretrained: str = ""           # local folder of a 2D UNet2DConditionModel (Arc2Face at `paper`)
     # --- EDM training (notebook 05) ------------------------------------------------------
     views_per_sample: int = 8           # P = conditioning + target views per training sample

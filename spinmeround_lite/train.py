@@ -480,17 +480,28 @@ class GridMaker:
     Per identity three rows over ``P`` views spread around the head (column 0 = the frontal input view):
     the true renders, the generated images, the generated normal maps. The sampler is ``sampling.sample``
     (Euler on the Karras schedule) with classifier-free guidance at ``profile.cfg_scale``.
+
+    ``split="train"``: the first training identities of ``data`` instead, at the dataset's own views and cameras,
+    exactly as training showed them: ``measure`` then says whether the model reproduces what it trained on (the
+    memorisation half of the overfit check; ``checks.teacher_forced`` asks for new cameras at pitch 0).
     """
 
-    def __init__(self, data: TrainData, codec, n_identities: int = GRID_IDENTITIES, steps: int | None = None):
-        ds, P = data.heldout, data.P
+    def __init__(self, data: TrainData, codec, n_identities: int = GRID_IDENTITIES, steps: int | None = None,
+                 split: str = "heldout"):
+        if split not in ("heldout", "train"):
+            raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
+        ds, P = (data.heldout if split == "heldout" else data.train), data.P
+        rows = (range(min(n_identities, len(ds))) if split == "heldout"
+                else [ds.ids.index(n) for n in data.train_ids[:n_identities]])
         self.profile, self.codec, self.steps = data.profile, codec, steps or data.profile.sample_steps
-        self.truth, cond, rays, emb = [], [], [], []
-        for i in range(min(n_identities, len(ds))):
+        self.truth, self.truth_normal, self.alpha, cond, rays, emb = [], [], [], [], [], []
+        for i in rows:
             c2w, K, yaw, pitch = data.camera(ds, i)
             idx = spread_views(yaw, frontal_view(yaw, pitch), P)
             v = ds.views(i, idx)
             self.truth.append(v["rgb"])
+            self.truth_normal.append(v["normal_rgb"])
+            self.alpha.append(v["alpha"])
             cond.append(data.latents(ds.ids[i], idx))
             rays.append(data.rays(ds, i, idx))
             emb.append(data.id_emb[ds.ids[i]])
@@ -499,21 +510,49 @@ class GridMaker:
         self.mask[:, 0] = True                                               # the frontal view is given
 
     @torch.no_grad()
-    def __call__(self, model: SpinModel, path: Path, seed: int = 0) -> Path:
+    def generate(self, model: SpinModel, seed: int = 0, cfg_scale: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded images and normal maps (B, V, 3, H, W), view 0 the given one."""
         from . import sampling
 
         device = encoder_device(model)
         cond, mask, rays, emb = (t.to(device) for t in (self.cond, self.mask, self.rays, self.id_emb))
-        denoise = sampling.cfg_denoiser(model, cond, mask, rays, emb, scale=self.profile.cfg_scale)
+        scale = self.profile.cfg_scale if cfg_scale is None else cfg_scale
+        denoise = sampling.cfg_denoiser(model, cond, mask, rays, emb, scale=scale)
         sigmas = sampling.profile_sigmas(self.profile, self.steps)
         x0 = sampling.sample(denoise, cond.shape, sigmas, sampling.generators(seed, cond.shape[0]),
                              solver="euler", cond=cond, mask=mask, device=device)
+        return self._decode(x0)
+
+    def _decode(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, V = x0.shape[:2]
         H, W = self.truth[0].shape[-2:]
         img = self.codec.decode(x0[:, :, :4].flatten(0, 1).to(self.codec.device)).cpu().view(B, V, 3, H, W)
         nrm = self.codec.decode(x0[:, :, 4:].flatten(0, 1).to(self.codec.device)).cpu().view(B, V, 3, H, W)
+        return img, nrm
+
+    @torch.no_grad()
+    def measure(self, model: SpinModel, seed: int = 0, cfg_scale: float | None = None) -> dict:
+        """SSIM and normal error of the generated views (all but the given one) against the true renders, and the
+        same for the true latents decoded (the autoencoder's ceiling)."""
+        from .checks import normal_distance
+        from .metrics import ssim
+
+        img, nrm = self.generate(model, seed, cfg_scale)
+        ceil_img, ceil_nrm = self._decode(self.cond)
+        truth, tn, a = (torch.stack(x)[:, 1:].flatten(0, 1) for x in (self.truth, self.truth_normal, self.alpha))
+        flat = lambda x: x[:, 1:].flatten(0, 1)
+        return {"ssim": ssim(flat(img), truth).mean().item(),
+                "normal_err_deg": normal_distance(flat(nrm), tn, a).mean().item(),
+                "ceiling_ssim": ssim(flat(ceil_img), truth).mean().item(),
+                "ceiling_normal_err_deg": normal_distance(flat(ceil_nrm), tn, a).mean().item(),
+                "pictures": (torch.stack(self.truth), img, nrm)}
+
+    @torch.no_grad()
+    def __call__(self, model: SpinModel, path: Path, seed: int = 0) -> Path:
+        img, nrm = self.generate(model, seed)
         rows = []
-        for b in range(B):
+        for b in range(img.shape[0]):
             rows += [self.truth[b], img[b], nrm[b]]
         return save_grid(rows, path)
 

@@ -204,3 +204,18 @@ def test_learning_rate_warms_up_holds_and_decays_at_the_end():
     assert rates[-1] == pytest.approx(0.05e-3) and rates[899] > rates[950] > rates[-1]
     flat = get_profile("test").replace(lr=1e-3, lr_decay_steps=0)
     assert T.lr_at(total - 1, total, flat) == pytest.approx(1e-3)             # no decay by default
+
+
+def test_seen_views_check_measures_training_heads_at_their_own_cameras(run, data):
+    from spinmeround_lite.latents import ensure_vae
+    codec = ensure_vae(run, progress=False)
+    seen = T.GridMaker(data, codec, n_identities=2, steps=2, split="train")
+    assert [data.train.ids.index(n) for n in data.train_ids[:2]] == [0, 1]
+    torch.manual_seed(0)
+    r = seen.measure(SpinModel.from_profile(run.profile).eval())
+    truth, img, nrm = r["pictures"]
+    assert truth.shape == img.shape == nrm.shape and truth.shape[:2] == (2, data.P)
+    assert 0 < r["ceiling_ssim"] <= 1 and r["ssim"] < r["ceiling_ssim"]      # an untrained model is below the ceiling
+    assert r["normal_err_deg"] > r["ceiling_normal_err_deg"]
+    with pytest.raises(ValueError, match="split"):
+        T.GridMaker(data, codec, split="test")

@@ -9,7 +9,15 @@ run folder (the course's own trainer, ``train(identities=...)``), and every ``--
 forced check (``checks.teacher_forced``: the true frontal view given, the 7 other views of a 45-degree spread
 generated) on those same heads, with the profile's guidance scale and without guidance (cfg 1). Figures go to
 ``<out>/overfit.json`` (one row per evaluation) and a picture per evaluation to ``<out>/overfit_<step>.png``.
-``--model DIR`` measures a saved model instead (no training), e.g. a reference checkpoint on its training heads.
+
+Two checks, because they answer two questions. The rig check renders the heads at the check's own cameras (a
+45-degree spread at pitch 0), which the training set never holds exactly: its views have per-identity random yaws
+and pitches of up to 25 degrees, so it asks for *new* cameras of known heads. The seen-views check
+(``train.GridMaker(split="train")``, ``seen_views_*`` in the rows) gives the model the dataset's own frontal
+view and asks for the dataset's own other views with their own cameras, exactly as training showed them: that is
+memorisation, and what a bug in inputs, targets, masks, preconditioning or sampler would break.
+``--model DIR`` measures a saved model instead (no training) into ``<out>/overfit_model.json``, e.g. a reference
+checkpoint on its training heads.
 The run folder must hold the dataset, the autoencoder and the conditioning encoder (``tools/train_reference.py``
 builds them); it is only read.
 """
@@ -27,7 +35,10 @@ from spinmeround_lite.profiles import get_profile  # noqa: E402
 from spinmeround_lite.runs import Run  # noqa: E402
 
 
-def measure(model, codec, profile, heads, seed: int = 0) -> dict:
+def measure(model, codec, profile, heads, seen=None, seed: int = 0) -> dict:
+    """The rig check (``checks.teacher_forced``: new cameras at pitch 0) with the profile's guidance and without;
+    with ``seen`` (a ``train.GridMaker`` of the training heads) also the seen-views check: the dataset's own views
+    and cameras of those heads, exactly as training showed them."""
     from spinmeround_lite import checks
 
     out = {}
@@ -35,6 +46,14 @@ def measure(model, codec, profile, heads, seed: int = 0) -> dict:
         tf = checks.teacher_forced(model, codec, profile.replace(cfg_scale=cfg), heads, mean_of=heads, seed=seed)
         out[name] = tf["figures"]
         out[name + "_pictures"] = tf
+        if seen is not None:
+            r = seen.measure(model, seed=seed, cfg_scale=cfg)
+            out[name]["seen_views_ssim"] = r["ssim"]
+            out[name]["seen_views_normal_err_deg"] = r["normal_err_deg"]
+            out[name]["seen_views_ceiling_ssim"] = r["ceiling_ssim"]
+            out[name]["seen_views_ceiling_normal_err_deg"] = r["ceiling_normal_err_deg"]
+            if name == "cfg":
+                out["seen_pictures"] = r["pictures"]
     return out
 
 
@@ -61,6 +80,17 @@ def picture(heads, res: dict, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def seen_picture(pictures, path: Path, title: str) -> None:
+    """Rows per head: the true training views, the generated ones, the generated normals."""
+    from spinmeround_lite.train import save_grid
+
+    truth, img, nrm = pictures
+    rows = []
+    for b in range(truth.shape[0]):
+        rows += [truth[b], img[b], nrm[b]]
+    save_grid(rows, path)
+
+
 def plot_curve(rows: list[dict], path: Path) -> None:
     """Teacher-forced SSIM and normal error against the step, with the mean head and the autoencoder's ceiling."""
     import matplotlib
@@ -79,6 +109,12 @@ def plot_curve(rows: list[dict], path: Path) -> None:
     if ceiling is not None:
         a.axhline(ceiling, color="k", lw=1, label="autoencoder ceiling")
     a.axhline(rows[-1]["cfg"]["teacher_forced_mean_head_ssim"], color="grey", ls=":", label="mean of these heads")
+    seen = [r for r in rows if "seen_views_ssim" in r["cfg"]]
+    if seen:
+        a.plot([r["step"] for r in seen], [r["cfg"]["seen_views_ssim"] for r in seen], "^-", color="tab:green",
+               label="seen views (their own cameras)")
+        a.axhline(seen[-1]["cfg"]["seen_views_ceiling_ssim"], color="tab:green", lw=1, ls="--",
+                  label="seen views' ceiling")
     a.set_xlabel("training step")
     a.set_ylabel("teacher-forced SSIM")
     b.plot(steps, [r["cfg"]["teacher_forced_normal_err_deg"] for r in rows], "o-", label="model")
@@ -126,7 +162,7 @@ def main() -> int:
     from spinmeround_lite.latents import ensure_vae
     from spinmeround_lite.model import SpinModel
     from spinmeround_lite.spinning import spin_yaws
-    from spinmeround_lite.train import checkpoint_dirs, train
+    from spinmeround_lite.train import GridMaker, TrainData, checkpoint_dirs, train
 
     base = get_profile(args.profile)
     over = {"lr": args.lr} if args.lr else {}
@@ -144,12 +180,13 @@ def main() -> int:
     enc = ensure_encoder(run, "cond", progress=False)
     yaws = spin_yaws(profile.views_per_sample)
     heads = checks.make_heads([ds.params(i) for i in range(args.heads)], enc, yaws, profile.resolution)
-    log = out / "overfit.json"
+    seen = GridMaker(TrainData(run, progress=False, identities=ids), codec, n_identities=len(ids), split="train")
+    log = out / ("overfit_model.json" if args.model else "overfit.json")
     rows = json.loads(log.read_text()) if log.exists() and not args.model else []   # a longer rerun appends
 
     def record(model, step, seconds):
         model.eval()
-        res = measure(model, codec, profile, heads)
+        res = measure(model, codec, profile, heads, seen)
         row = {"step": step, "train_seconds": seconds, "identities": ids,
                "cfg_scale": profile.cfg_scale, **{k: res[k] for k in ("cfg", "cfg1")}}
         rows.append(row)
@@ -157,13 +194,17 @@ def main() -> int:
         print(f"step {step}: teacher-forced SSIM {f['teacher_forced_ssim']:.3f} (cfg 1: "
               f"{res['cfg1']['teacher_forced_ssim']:.3f}), mean head {f['teacher_forced_mean_head_ssim']:.3f}, "
               f"normal err {f['teacher_forced_normal_err_deg']:.1f} deg, pose {f['pose_accuracy']:.2f}, "
-              f"identity {f['identity_accuracy']:.2f}", flush=True)
+              f"identity {f['identity_accuracy']:.2f}; seen views SSIM {f['seen_views_ssim']:.3f} (cfg 1: "
+              f"{res['cfg1']['seen_views_ssim']:.3f}, ceiling {f['seen_views_ceiling_ssim']:.3f})", flush=True)
         tmp = log.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1))
         tmp.replace(log)
         plot_curve(rows, out / "overfit_curve.png")
-        picture(heads, res, out / f"overfit_{step:06d}.png",
-                f"overfit on {len(ids)} training heads, step {step}: true / generated / generated normals")
+        name = f"overfit_{step:06d}" if step >= 0 else "overfit_model"
+        picture(heads, res, out / f"{name}.png",
+                f"overfit on {len(ids)} training heads, step {step}, rig cameras: true / generated / normals")
+        seen_picture(res["seen_pictures"], out / f"{name}_seen.png",
+                     f"the same heads at their own training views and cameras, step {step}: true / generated / normals")
 
     if args.model:
         model = SpinModel.load(args.model, profile)

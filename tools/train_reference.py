@@ -123,11 +123,6 @@ def main() -> int:
                          "onto a retrained autoencoder); trains into --model-name")
     ap.add_argument("--model-name", default="spin",
                     help="the run's model folder to train and export as spin/ (a fine-tuning stage: its own name)")
-    ap.add_argument("--vae-finetune", type=int, default=0,
-                    help="first train the run's autoencoder on for N steps with the edge-weighted loss "
-                         "(latents.finetune_vae; once: skipped when already done); then fine-tune the model onto it")
-    ap.add_argument("--vae-lr", type=float, default=3e-4, help="peak learning rate of --vae-finetune")
-    ap.add_argument("--vae-edge-weight", type=float, default=4.0, help="edge weight of --vae-finetune")
     ap.add_argument("--note", default=None, help="a line for this export's campaign entry")
     ap.add_argument("--ablation", default=None,
                     choices=[*ABLATIONS, "full_same_budget"],
@@ -151,11 +146,6 @@ def main() -> int:
         ensure_dataset(run)
         ensure_encoder(run, "cond")
         ensure_vae(run)
-        if args.vae_finetune:
-            from spinmeround_lite.latents import finetune_vae
-            done_ft = read_json(run.model_dir("vae") / "train.json").get("finetune", {})
-            if (done_ft.get("steps"), done_ft.get("edge_weight")) != (args.vae_finetune, args.vae_edge_weight):
-                finetune_vae(run, args.vae_finetune, args.vae_lr, args.vae_edge_weight)
         t0 = dt.datetime.now()
         if args.ablation:
             options = {} if args.ablation == "full_same_budget" else ABLATIONS[args.ablation]
@@ -172,7 +162,7 @@ def main() -> int:
     man["data"] = data_entry(run, args.extra_identities)
     man["recipe"] = {k: getattr(run.profile, k) for k in ("batch_size", "lr", "views_per_sample", "ema_decay",
                                                             "stage1_fraction", "lr_decay_steps", "vae_steps",
-                                                            "vae_lr", "vae_edge_weight")}
+                                                            "vae_lr")}
     campaign = man.setdefault("campaign", [])
     entry = {"exported": man["created"], "steps": done, "seconds_this_call": seconds,
              "threads": torch.get_num_threads(), "model_folder": args.model_name}
