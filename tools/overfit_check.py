@@ -103,8 +103,8 @@ def plot_curve(rows: list[dict], path: Path) -> None:
         return
     steps = [r["step"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(steps, [r["cfg"]["teacher_forced_ssim"] for r in rows], "o-", label=f"model (cfg {rows[0]['cfg_scale']:g})")
-    a.plot(steps, [r["cfg1"]["teacher_forced_ssim"] for r in rows], "s--", label="model (cfg 1)")
+    a.plot(steps, [r["cfg"]["teacher_forced_ssim"] for r in rows], "o-", label=f"new cameras, pitch 0 (cfg {rows[0]['cfg_scale']:g})")
+    a.plot(steps, [r["cfg1"]["teacher_forced_ssim"] for r in rows], "s--", label="new cameras (cfg 1)")
     ceiling = rows[-1]["cfg"].get("teacher_forced_ceiling_ssim")
     if ceiling is not None:
         a.axhline(ceiling, color="k", lw=1, label="autoencoder ceiling")
@@ -138,7 +138,7 @@ def plot_curve(rows: list[dict], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--run-dir", required=True, help="a run folder with dataset, autoencoder and encoder")
+    ap.add_argument("--run-dir", help="a run folder with dataset, autoencoder and encoder (not needed with --plot)")
     ap.add_argument("--extra-identities", type=int, default=0, help="as the run folder was built with")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4000)
@@ -154,6 +154,8 @@ def main() -> int:
     if args.plot:
         plot_curve(json.loads((Path(args.out) / "overfit.json").read_text()), Path(args.out) / "overfit_curve.png")
         return 0
+    if not args.run_dir:
+        ap.error("--run-dir is required (a run folder with dataset, autoencoder and encoder)")
 
     from spinmeround_lite import checks
     from spinmeround_lite.checkpoints import load_checkpoint
