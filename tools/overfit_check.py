@@ -103,7 +103,8 @@ def plot_curve(rows: list[dict], path: Path) -> None:
         return
     steps = [r["step"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(steps, [r["cfg"]["teacher_forced_ssim"] for r in rows], "o-", label=f"new cameras, pitch 0 (cfg {rows[0]['cfg_scale']:g})")
+    a.plot(steps, [r["cfg"]["teacher_forced_ssim"] for r in rows], "o-",
+           label=f"new cameras, pitch 0 (cfg {rows[0]['cfg_scale']:g})")
     a.plot(steps, [r["cfg1"]["teacher_forced_ssim"] for r in rows], "s--", label="new cameras (cfg 1)")
     ceiling = rows[-1]["cfg"].get("teacher_forced_ceiling_ssim")
     if ceiling is not None:

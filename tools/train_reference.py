@@ -203,7 +203,10 @@ def export_ablation(run: Run, dest: Path, name: str, seconds: float | None) -> i
     man = read_json(man_path) if man_path.exists() else {}
     man.setdefault("ablations", {})[name] = {
         "steps": steps, "samples_seen": steps * run.profile.batch_size * run.profile.grad_accum,
-        "seconds": seconds, "data": "the full reference's run folder and training heads",
+        "seconds": seconds, "threads": torch.get_num_threads(),
+        "recipe": {k: getattr(run.profile, k) for k in ("batch_size", "lr", "lr_decay_steps", "views_per_sample",
+                                                         "ema_decay", "stage1_fraction")},
+        "data": "the full reference's run folder and training heads",
         "created": dt.datetime.now().isoformat(timespec="seconds")}
     write_json(man_path, man)
     print(f"exported ablation {name} ({steps} steps) to {dest / f'ablation_{name}'}")
