@@ -80,17 +80,6 @@ def picture(heads, res: dict, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def seen_picture(pictures, path: Path, title: str) -> None:
-    """Rows per head: the true training views, the generated ones, the generated normals."""
-    from spinmeround_lite.train import save_grid
-
-    truth, img, nrm = pictures
-    rows = []
-    for b in range(truth.shape[0]):
-        rows += [truth[b], img[b], nrm[b]]
-    save_grid(rows, path)
-
-
 def plot_curve(rows: list[dict], path: Path) -> None:
     """Teacher-forced SSIM and normal error against the step, with the mean head and the autoencoder's ceiling."""
     import matplotlib
@@ -165,7 +154,7 @@ def main() -> int:
     from spinmeround_lite.latents import ensure_vae
     from spinmeround_lite.model import SpinModel
     from spinmeround_lite.spinning import spin_yaws
-    from spinmeround_lite.train import GridMaker, TrainData, checkpoint_dirs, train
+    from spinmeround_lite.train import GridMaker, TrainData, checkpoint_dirs, save_sample_grid, train
 
     base = get_profile(args.profile)
     over = {"lr": args.lr} if args.lr else {}
@@ -206,8 +195,7 @@ def main() -> int:
         name = f"overfit_{step:06d}" if step >= 0 else "overfit_model"
         picture(heads, res, out / f"{name}.png",
                 f"overfit on {len(ids)} training heads, step {step}, rig cameras: true / generated / normals")
-        seen_picture(res["seen_pictures"], out / f"{name}_seen.png",
-                     f"the same heads at their own training views and cameras, step {step}: true / generated / normals")
+        save_sample_grid(*res["seen_pictures"], out / f"{name}_seen.png")   # the heads at their own training views
 
     if args.model:
         model = SpinModel.load(args.model, profile)
