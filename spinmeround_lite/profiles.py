@@ -47,6 +47,8 @@ class Profile:
     vae_steps: int = 300
     vae_batch: int = 16
     vae_lr: float = 2e-3                # peak learning rate (warm-up, then cosine to 5 %)
+    vae_decoder_steps: int = 0          # then the decoder alone, encoder frozen (latents.finetune_decoder)
+    vae_decoder_lr: float = 1e-3
     vae_pretrained: str = ""            # local folder of a diffusers AutoencoderKL (SD1.5 VAE at `paper`)
     # --- multi-view UNet (notebook 04) ---------------------------------------------------
     unet_channels: tuple = (64, 128, 128)
@@ -108,7 +110,7 @@ PROFILES: dict[str, Profile] = {
         ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=-2,
         id_input_res=16, id_width=8, id_eval_width=12, id_train_steps=40, id_batch=32,
         text_hidden=32, text_layers=1, text_heads=2,
-        vae_channels=(16, 32, 32), vae_steps=30, vae_batch=8,
+        vae_channels=(16, 32, 32), vae_steps=30, vae_batch=8, vae_decoder_steps=10,
         unet_channels=(16, 32), unet_head_dim=8,
         views_per_sample=4, train_steps=12, batch_size=1, checkpoint_every=6, sample_every=6,
         sample_steps=4, spin_views=16, check_heads=2,
@@ -135,7 +137,7 @@ PROFILES: dict[str, Profile] = {
         ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=0,
         id_input_res=64, id_width=32, id_eval_width=48, id_train_steps=3000, id_batch=256,
         text_hidden=256, text_layers=4, text_heads=4,
-        vae_channels=(64, 128, 128), vae_steps=4000, vae_batch=64,
+        vae_channels=(64, 128, 128), vae_steps=4000, vae_batch=64, vae_decoder_steps=2000,
         unet_channels=(128, 256, 256), unet_layers_per_block=2, unet_head_dim=32,
         views_per_sample=8, train_steps=12000, batch_size=16, checkpoint_every=2000, sample_every=2000,
         lr=2e-4, ema_decay=0.9995,

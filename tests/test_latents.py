@@ -175,3 +175,95 @@ def test_evaluate_codec_measures_the_face_apart_from_the_image(tmp_path):
     q = evaluate_codec(Codec(), ds)
     assert q["psnr_rgb"] > q["face_psnr_rgb"] + 5 and np.isfinite(q["face_psnr_rgb"])
 
+
+
+class _Pool:
+    """A stand-in ``ImagePool``: the same few images every batch."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def batch(self, n, generator=None, p_bg=0.5):
+        return self.x[:n]
+
+    def batch_with_face_weights(self, n, generator=None, face_weight=0.0, p_bg=0.5):
+        return self.x[:n], torch.ones(n, 1, *self.x.shape[-2:])
+
+
+def test_finetuning_the_decoder_keeps_the_latents_and_lowers_its_loss():
+    from spinmeround_lite.latents import decoder_loss, finetune_decoder, vae_fingerprint
+
+    vae = tiny_vae()
+    x = torch.nn.functional.interpolate(images(4, res=4), size=16, mode="bilinear")    # smooth, learnable images
+    before_z = LatentCodec(vae).encode(x)
+    fp = vae_fingerprint(LatentCodec(vae))
+    enc = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder", "post_quant_conv"))}
+    dec = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith("decoder")}
+    start = decoder_loss(vae, x)[0].item()
+    history = finetune_decoder(vae, _Pool(x), steps=30, batch=4, lr=3e-3, progress=False)
+    assert len(history) == 30
+    assert decoder_loss(vae, x)[0].item() < 0.8 * start              # it learns the images it is shown
+    after = vae.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in enc.items())     # encoder and quant_conv untouched
+    assert any(not torch.equal(after[k], v) for k, v in dec.items())
+    torch.testing.assert_close(LatentCodec(vae).encode(x), before_z)
+    assert vae_fingerprint(LatentCodec(vae)) == fp                   # caches and models made before stay valid
+
+
+def test_the_latent_fingerprint_follows_the_encoder_and_the_scale():
+    from spinmeround_lite.latents import vae_fingerprint
+
+    vae = tiny_vae()
+    fp = vae_fingerprint(LatentCodec(vae))
+    assert vae_fingerprint(LatentCodec(vae, scale=0.5)) != fp
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.add_(1e-3)
+    assert vae_fingerprint(LatentCodec(vae)) != fp
+
+
+def test_face_weights_fall_on_the_face_of_frontal_rgb_views(tmp_path):
+    from spinmeround_lite.dataset import build_dataset
+    from spinmeround_lite.faces import face_box
+    from spinmeround_lite.latents import ImagePool
+
+    P = get_profile("test").replace(name="tiny", resolution=32, identities=3, heldout_identities=1,
+                                    views_per_identity=8)
+    build_dataset(tmp_path, P)
+    pool = ImagePool(HeadDataset(tmp_path, "train"), progress=False)
+    assert pool.frontal.shape == (len(pool),) and 0 < pool.frontal.sum() < len(pool)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x, w = pool.batch_with_face_weights(64, g1, face_weight=9.0)
+    torch.testing.assert_close(x, pool.batch(64, g2))                 # the same images as batch() draws
+    t, b, l, r = face_box(32)
+    outside = w.clone()
+    outside[..., t:b, l:r] = 1
+    assert torch.all(outside == 1) and torch.all(w[1::2] == 1)        # normal maps (odd rows) unweighted
+    boxes = w[..., t:b, l:r].flatten(1)
+    assert torch.all((boxes == 1).all(1) | (boxes == 10).all(1)) and (boxes == 10).all(1).any()
+
+
+def test_finetune_run_decoder_replaces_the_decoder_and_keeps_the_cache(tmp_path):
+    """The run's autoencoder gets a new decoder, recorded with held-out figures before and after; the latent cache
+    made with the old one is still the run's cache (nothing re-encoded)."""
+    from spinmeround_lite.latents import finetune_run_decoder
+
+    run = Run(TINY, tmp_path / "run", device="cpu", seed=3)
+    _tiny_dataset(run.data_dir)
+    Run.mark_complete(run.data_dir)
+    with pytest.raises(FileNotFoundError, match="ensure_vae"):
+        finetune_run_decoder(run, 2, progress=False)
+    codec = ensure_vae(run, progress=False)
+    cache = ensure_latent_cache(run, codec, progress=False)
+    stamp = (cache.folder / "id00000.safetensors").stat().st_mtime_ns
+    old = {k: v.clone() for k, v in codec.vae.state_dict().items()}
+    rec = finetune_run_decoder(run, 3, progress=False)
+    assert rec["steps"] == 3 and set(rec["heldout_after"]) >= {"psnr_rgb", "face_psnr_rgb", "normal_angle_err_deg"}
+    assert Run.is_complete(run.model_dir("vae")) and not any(run.model_dir("vae").parent.glob("vae.*"))
+    new = load_vae(run.model_dir("vae")).state_dict()
+    assert all(torch.equal(new[k], v) for k, v in old.items() if k.startswith("encoder"))
+    assert any(not torch.equal(new[k], v) for k, v in old.items() if k.startswith("decoder"))
+    import json
+    info = json.loads((run.model_dir("vae") / "train.json").read_text())
+    assert [r["steps"] for r in info["decoder_finetunes"]] == [TINY.vae_decoder_steps, 3]   # at build, then here
+    ensure_latent_cache(run, ensure_vae(run, progress=False), progress=False)
+    assert (cache.folder / "id00000.safetensors").stat().st_mtime_ns == stamp

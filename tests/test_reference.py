@@ -84,3 +84,16 @@ def test_cpu_ablation_references_are_the_ablations_at_one_budget():
     assert len(steps) <= 1, f"ablations trained with different budgets: {steps}"
     if folders:
         assert "ablation_full_same_budget" in folders or steps == {m["train_steps"]}
+
+
+@pytest.mark.skipif(not (REF / "manifest.json").exists(), reason="no reference checkpoints in this checkout")
+def test_cpu_reference_models_learned_in_the_committed_latent_space():
+    """Every committed diffusion model records the latent space it was trained in; it must be the one the committed
+    autoencoder gives (a retrained encoder or scale would make their samples wrong; a decoder trained on may not)."""
+    from spinmeround_lite.latents import LatentCodec, load_vae, vae_fingerprint
+
+    fp = vae_fingerprint(LatentCodec(load_vae(REF / "vae")))
+    models = [p for p in sorted(REF.iterdir()) if (p / "config.json").exists() and p.name not in ("vae", "id_cond")]
+    assert any(p.name == "spin" for p in models)
+    for p in models:
+        assert json.loads((p / "config.json").read_text()).get("vae_fingerprint") == fp, p.name
