@@ -103,6 +103,16 @@ def build_vae(profile: Profile | str):
     return AutoencoderKL(**vae_config(profile))
 
 
+def save_vae(vae, folder: str | os.PathLike) -> None:
+    """``save_pretrained`` on the CPU (safetensors), without the ``_name_or_path`` a loaded model carries (the
+    folder it came from on this machine has no place in a committed checkpoint)."""
+    folder = Path(folder)
+    vae.to("cpu").save_pretrained(str(folder), safe_serialization=True)
+    cfg = read_json(folder / "config.json")
+    if cfg.pop("_name_or_path", None) is not None:
+        write_json(folder / "config.json", cfg)
+
+
 def load_vae(path: str | os.PathLike, subfolder: str | None = None):
     """An ``AutoencoderKL`` from a local diffusers folder (the SD1.5 VAE, or one ``ensure_vae`` saved); no hub.
 
@@ -435,7 +445,7 @@ def build_trained_vae(run: Run, folder: Path, progress: bool = True) -> dict:
         heldout = HeadDataset(root, "heldout", cache=False)
         info["decoder_finetunes"] = [_train_decoder_on(vae, pool, heldout, p, p.vae_decoder_steps, p.vae_decoder_lr,
                                                        DECODER_FACE_WEIGHT, run, progress)]
-    vae.to("cpu").save_pretrained(str(folder), safe_serialization=True)
+    save_vae(vae, folder)
     write_json(folder / "train.json", info)
     return info
 
@@ -481,7 +491,7 @@ def finetune_run_decoder(run: Run, steps: int, lr: float | None = None, face_wei
     tmp = folder.with_name(folder.name + ".new")
     if tmp.exists():
         shutil.rmtree(tmp)
-    vae.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+    save_vae(vae, tmp)
     write_json(tmp / "train.json", info)
     Run.mark_complete(tmp)
     old = folder.with_name(folder.name + ".old")
@@ -686,7 +696,8 @@ def ensure_latent_cache(run: Run, codec: LatentCodec | None = None, progress: bo
     return LatentCache(folder)
 
 
-__all__ = ["resolve_local_folder", "norm_groups", "vae_config", "build_vae", "load_vae", "LatentCodec", "ImagePool",
+__all__ = ["resolve_local_folder", "norm_groups", "vae_config", "build_vae", "save_vae", "load_vae", "LatentCodec",
+           "ImagePool",
            "composite", "vae_loss", "train_vae", "image_gradients", "decoder_loss", "finetune_decoder",
            "measure_scale", "evaluate_codec", "build_trained_vae", "finetune_run_decoder",
            "ensure_vae",

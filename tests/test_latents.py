@@ -264,6 +264,7 @@ def test_finetune_run_decoder_replaces_the_decoder_and_keeps_the_cache(tmp_path)
     assert any(not torch.equal(new[k], v) for k, v in old.items() if k.startswith("decoder"))
     import json
     info = json.loads((run.model_dir("vae") / "train.json").read_text())
+    assert "_name_or_path" not in json.loads((run.model_dir("vae") / "config.json").read_text())
     assert [r["steps"] for r in info["decoder_finetunes"]] == [TINY.vae_decoder_steps, 3]   # at build, then here
     ensure_latent_cache(run, ensure_vae(run, progress=False), progress=False)
     assert (cache.folder / "id00000.safetensors").stat().st_mtime_ns == stamp
