@@ -282,15 +282,23 @@ def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 2e-3, kl
     """
     vae.to(device).train().requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    warm = max(1, min(100, steps // 10))
+    history = _adam_cosine(list(vae.parameters()), steps, lr, max(1, min(100, steps // 10)),
+                           lambda: vae_loss(vae, pool.batch(batch, g).to(device), kl_weight),
+                           "training the autoencoder", progress)
+    vae.eval().requires_grad_(False)
+    return history
+
+
+def _adam_cosine(params: list, steps: int, lr: float, warm: int, loss_fn, desc: str, progress: bool) -> list[dict]:
+    """Adam on ``loss_fn() -> (loss, parts)`` for ``steps`` steps: a linear warm-up over ``warm`` steps, then a
+    cosine decay to 5 % of ``lr``. Returns the ``parts`` of every step."""
+    opt = torch.optim.Adam(params, lr=lr)
     cosine = lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     history = []
-    bar = tqdm(range(steps), desc="training the autoencoder", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
-        x = pool.batch(batch, g).to(device)
-        loss, parts = vae_loss(vae, x, kl_weight)
+        loss, parts = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -298,7 +306,6 @@ def train_vae(vae, pool: ImagePool, steps: int, batch: int, lr: float = 2e-3, kl
         history.append(parts)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
-    vae.eval().requires_grad_(False)
     return history
 
 
@@ -347,22 +354,13 @@ def finetune_decoder(vae, pool: ImagePool, steps: int, batch: int, lr: float = 1
     for t in params:
         t.requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
-    warm = max(1, min(50, steps // 4))
-    cosine = lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-    history = []
-    bar = tqdm(range(steps), desc="training the decoder on", disable=not progress)
-    for step in bar:
+
+    def loss_fn():
         x, w = pool.batch_with_face_weights(batch, g, face_weight)
-        loss, parts = decoder_loss(vae, x.to(device), grad_weight, w.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(parts)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        return decoder_loss(vae, x.to(device), grad_weight, w.to(device))
+
+    history = _adam_cosine(params, steps, lr, max(1, min(50, steps // 4)), loss_fn, "training the decoder on",
+                           progress)
     vae.eval().requires_grad_(False)
     return history
 
