@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError
 from .profiles import Profile, get_profile
-from .runs import Run, atomic_path, find_repo_root, read_json, write_json
+from .runs import Run, atomic_folder, atomic_path, find_repo_root, read_json, write_json
 
 CACHE_FORMAT = "spinmeround-lite/latents-v2"   # v2: background colours shared by all views of an identity
 BG_SETS = 2               # background colours per identity in the cache (each with every view composited on it)
@@ -486,18 +485,10 @@ def finetune_run_decoder(run: Run, steps: int, lr: float | None = None, face_wei
     record = _train_decoder_on(vae, pool, heldout, p, steps, lr, face_weight, run, progress)
     info = read_json(folder / "train.json") if (folder / "train.json").exists() else {}
     info.setdefault("decoder_finetunes", []).append(record)
-    tmp = folder.with_name(folder.name + ".new")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_vae(vae, tmp)
-    write_json(tmp / "train.json", info)
-    Run.mark_complete(tmp)
-    old = folder.with_name(folder.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old)
+    with atomic_folder(folder) as tmp:
+        save_vae(vae, tmp)
+        write_json(tmp / "train.json", info)
+        Run.mark_complete(tmp)
     return record
 
 

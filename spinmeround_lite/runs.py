@@ -39,6 +39,24 @@ DEFAULT_PROFILE = "cpu"
 # atomic writes
 # ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """Yield an empty folder ``<path>.tmp`` beside ``path``; only if the block succeeds, it takes ``path``'s place
+    (an old ``path`` is moved aside, then removed)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)

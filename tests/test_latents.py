@@ -268,3 +268,20 @@ def test_finetune_run_decoder_replaces_the_decoder_and_keeps_the_cache(tmp_path)
     assert [r["steps"] for r in info["decoder_finetunes"]] == [TINY.vae_decoder_steps, 3]   # at build, then here
     ensure_latent_cache(run, ensure_vae(run, progress=False), progress=False)
     assert (cache.folder / "id00000.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_atomic_folder_swaps_in_only_a_whole_folder(tmp_path):
+    from spinmeround_lite.runs import atomic_folder
+
+    target = tmp_path / "vae"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "old"                    # an interrupted write leaves the old folder
+    with atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]     # no .tmp or .old left behind

@@ -19,7 +19,6 @@ in the same run folder, on the same data, for ``--steps`` steps, and exports it 
 
 import argparse
 import datetime as dt
-import os
 import platform
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from spinmeround_lite.evaluate import ABLATIONS  # noqa: E402
 from spinmeround_lite.profiles import get_profile  # noqa: E402
-from spinmeround_lite.runs import Run, read_json, write_json  # noqa: E402
+from spinmeround_lite.runs import Run, atomic_folder, read_json, write_json  # noqa: E402
 
 
 def export_model_dir(src: Path, tgt: Path) -> int:
@@ -52,17 +51,12 @@ def export_model_dir(src: Path, tgt: Path) -> int:
         state, config = load_checkpoint(ck[-1], name="ema.safetensors")
         steps = int(ck[-1].name.split("_")[-1])
     config = dict(config, step=steps)
-    tmp = tgt.with_name(tgt.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_checkpoint(tmp, {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, config)
-    for extra in ("loss.png", "log.json") if Run.is_complete(src) else ("loss.png",):   # a running log is stale
-        if (src / extra).exists():
-            shutil.copy2(src / extra, tmp / extra)
-    Run.mark_complete(tmp, {"step": steps, "dtype": "float16"})
-    if tgt.exists():
-        shutil.rmtree(tgt)
-    os.replace(tmp, tgt)
+    with atomic_folder(tgt) as tmp:
+        save_checkpoint(tmp, {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, config)
+        for extra in ("loss.png", "log.json") if Run.is_complete(src) else ("loss.png",):   # a running log is stale
+            if (src / extra).exists():
+                shutil.copy2(src / extra, tmp / extra)
+        Run.mark_complete(tmp, {"step": steps, "dtype": "float16"})
     return steps
 
 
@@ -112,13 +106,8 @@ def finetune_decoder_and_export(run: Run, dest: Path, steps: int, note: str | No
     ensure_vae(run)
     rec = finetune_run_decoder(run, steps)
     tgt = dest / "vae"
-    tmp = dest / ".vae.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(run.model_dir("vae"), tmp)
-    if tgt.exists():
-        shutil.rmtree(tgt)
-    os.replace(tmp, tgt)
+    with atomic_folder(tgt) as tmp:
+        shutil.copytree(run.model_dir("vae"), tmp, dirs_exist_ok=True)
     man = read_json(dest / "manifest.json") if (dest / "manifest.json").exists() else {}
     entry = {"exported": dt.datetime.now().isoformat(timespec="seconds"),
              "steps": steps, "seconds_this_call": rec["seconds"], "threads": torch.get_num_threads(),
