@@ -65,6 +65,39 @@ def test_reference_export_stores_half_precision_that_loads(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=2e-3, rtol=2e-3)
 
 
+def test_reference_export_copies_the_parts_and_replaces_an_old_export(tmp_path):
+    """tools/train_reference.py's export: vae/, id_cond/, spin/ and the manifest; a second export replaces the
+    parts (built beside, then swapped in), and an unfinished part stops it before anything is written."""
+    import importlib.util
+
+    from spinmeround_lite.model import SpinModel
+
+    spec = importlib.util.spec_from_file_location("train_reference", Path(__file__).parents[1] / "tools" /
+                                                  "train_reference.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    run = Run("test", tmp_path / "run", seed=0, device="cpu")
+    for name in ("vae", "id_cond"):
+        d = run.model_dir(name)
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_text(f"{name} 1")
+        Run.mark_complete(d, {})
+    SpinModel.from_profile("test").save(run.model_dir("spin"), info={"step": 7, "weights": "ema"})
+    Run.mark_complete(run.model_dir("spin"), {"step": 7})
+    dest = tmp_path / "ref"
+    assert tool.export(run, dest, 1.0) == 7
+    assert (dest / "vae" / "weights.bin").read_text() == "vae 1" and Run.is_complete(dest / "id_cond")
+    assert json.loads((dest / "manifest.json").read_text())["train_steps"] == 7
+    (run.model_dir("vae") / "weights.bin").write_text("vae 2")
+    tool.export(run, dest, 1.0)
+    assert (dest / "vae" / "weights.bin").read_text() == "vae 2"
+    assert sorted(p.name for p in dest.iterdir()) == ["id_cond", "manifest.json", "spin", "vae"]   # no .tmp/.old
+    (run.model_dir("id_cond") / "COMPLETE").unlink()
+    with pytest.raises(SystemExit, match="not complete"):
+        tool.export(run, dest, 1.0)
+    assert (dest / "id_cond" / "weights.bin").read_text() == "id_cond 1"
+
+
 @pytest.mark.skipif(not (REF / "manifest.json").exists(), reason="no reference checkpoints in this checkout")
 def test_cpu_ablation_references_are_the_ablations_at_one_budget():
     """Each committed ablation is the variant it is named after (its trainer options in its config), trained the

@@ -69,10 +69,8 @@ def export(run: Run, dest: Path, seconds: float | None, model_name: str = "spin"
         src = run.model_dir(name)
         if not Run.is_complete(src):
             raise SystemExit(f"{src} is not complete; run without --export first")
-        tgt = dest / name
-        if tgt.exists():
-            shutil.rmtree(tgt)
-        shutil.copytree(src, tgt)
+        with atomic_folder(dest / name) as tmp:                 # an interrupted export keeps the old copy
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
     steps_done = export_model_dir(spin_dir, dest / "spin")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
