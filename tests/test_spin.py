@@ -308,3 +308,21 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert rc == 2
     assert "absent.png" in capsys.readouterr().err
     assert not (tmp_path / "run" / "models").exists()        # nothing was trained for a missing file
+
+
+def test_close_up_shows_the_views_near_the_input_in_yaw_order():
+    import matplotlib
+    matplotlib.use("Agg")
+    from spinmeround_lite import viewer
+    from spinmeround_lite.spinning import SpinResult
+
+    n = 16
+    yaw = (torch.arange(n) * 360.0 / n + 30.0 + 180.0) % 360.0 - 180.0         # input at +30, wraps past 180
+    res = SpinResult(torch.rand(n, 3, 8, 8), torch.rand(n, 3, 8, 8), yaw, torch.zeros(n),
+                     torch.eye(4).expand(n, 4, 4), torch.eye(3))
+    near = viewer.near_views(res, 50.0)
+    assert near == [14, 15, 0, 1, 2]                                           # -45, -22.5, input, +22.5, +45
+    fig = viewer.close_up(res, 50.0, found={0: True, 1: False})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["-45.0°", "-22.5°", "input", "+22.5°", "+45.0°"]
+    assert [ax.get_xlabel() for ax in fig.axes][2:4] == ["face found", "no face found"]
