@@ -340,4 +340,13 @@ def test_face_found_is_scored_per_angle_and_null_with_a_reason_without_a_detecto
     assert res["face_found"] is None and "dlib" in res["face_found_reason"]
     md = E.results_table({"model": dict(_row(0.02, 0.8), face_found=0.25),
                           "truth": dict(_row(0.0, 1.0), face_found=0.5)}, "test")
-    assert "face found ↑" in md and "true views (ceiling)" in md and "0.250" in md and "0.500" in md
+    assert "face found (vs truth)" in md and "true views (ceiling)" in md and "0.250" in md and "0.500" in md
+
+
+def test_face_found_is_compared_with_the_truth_not_ranked():
+    """More faces are not better by themselves (a copied input shows a face at the back of the head): the
+    difference is reported with its interval but never counts as a win."""
+    a = {"table": {"face_found": [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]]}}
+    b = {"table": {"face_found": [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]}}
+    r = E.compare(a, b, ["face_found"])["face_found"]
+    assert r["mean"] > 0.5 and r["beats"] is None
