@@ -96,11 +96,18 @@ def contact_sheet(result_or_folder, every: int = 1, path: str | os.PathLike | No
     return fig
 
 
+def relative_yaw(result_or_folder) -> torch.Tensor:
+    """Each view's yaw relative to the input's (view 0), wrapped to [-180, 180) degrees."""
+    from .spinning import wrap_yaw
+
+    res = _as_result(result_or_folder)
+    return wrap_yaw(res.yaw.double() - float(res.yaw[0]))
+
+
 def near_views(result_or_folder, max_yaw: float = 50.0) -> list[int]:
     """Indices of the views within ``max_yaw`` degrees of the input's yaw (view 0), in yaw order."""
-    res = _as_result(result_or_folder)
-    rel = (res.yaw.double() - float(res.yaw[0]) + 180.0) % 360.0 - 180.0
-    return sorted((i for i in range(len(res)) if abs(float(rel[i])) <= max_yaw), key=lambda i: float(rel[i]))
+    rel = relative_yaw(result_or_folder)
+    return sorted((i for i in range(len(rel)) if abs(float(rel[i])) <= max_yaw), key=lambda i: float(rel[i]))
 
 
 def close_up(result_or_folder, max_yaw: float = 50.0, found=None, path: str | os.PathLike | None = None,
@@ -113,13 +120,14 @@ def close_up(result_or_folder, max_yaw: float = 50.0, found=None, path: str | os
     import matplotlib.pyplot as plt
 
     res = _as_result(result_or_folder)
+    rel = relative_yaw(res)
     idx = near_views(res, max_yaw)
     fig, axes = plt.subplots(1, len(idx), figsize=(size * len(idx), size * 1.2), squeeze=False)
     for ax, i in zip(axes[0], idx):
         ax.imshow(res.views[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        title = "input" if i == 0 else f"{float(res.yaw[i]) - float(res.yaw[0]):+.1f}°"
+        title = "input" if i == 0 else f"{float(rel[i]):+.1f}°"
         ax.set_title(title, fontsize=8)
         if found is not None and i in found:
             ax.set_xlabel("face found" if found[i] else "no face found", fontsize=7,

@@ -326,3 +326,7 @@ def test_close_up_shows_the_views_near_the_input_in_yaw_order():
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["-45.0°", "-22.5°", "input", "+22.5°", "+45.0°"]
     assert [ax.get_xlabel() for ax in fig.axes][2:4] == ["face found", "no face found"]
+    # across the +-180 seam: an input at +170 has neighbours at -167.5 (+22.5 from it) and +147.5 (-22.5)
+    res.yaw = (torch.arange(n) * 360.0 / n + 170.0 + 180.0) % 360.0 - 180.0
+    assert viewer.near_views(res, 50.0) == [14, 15, 0, 1, 2]
+    assert [ax.get_title() for ax in viewer.close_up(res, 50.0).axes] == titles
