@@ -856,8 +856,9 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
                  lpips_path: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """The whole protocol on ``run``: the model, the three baselines and the three ablations.
 
-    Returns ``{"protocol": {...}, "model": {...}, "baselines": {name: {...}}, "ablations": {name: {...}},
-    "ordering": ordering_report(...)}``; each entry as ``evaluate_method`` returns it (with its views).
+    Returns ``{"protocol": {...}, "truth": {...}, "model": {...}, "baselines": {name: {...}}, "ablations":
+    {name: {...}}, "ordering": ordering_report(...)}``; each entry as ``evaluate_method`` returns it (with its views);
+    ``truth`` scores the true views themselves (``truth_method``: the face-found rate to read the others against).
     """
     from .spinning import SpinParts
 
