@@ -85,12 +85,14 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Te
 
 
 def edm_loss(D: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, target_mask: torch.Tensor,
-             sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+             sigma_data: float = SIGMA_DATA, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted denoising loss on target views only.
 
     D, x0: (B, V, C, h, w) denoised and clean latents; sigma: (B,); target_mask: (B, V) bool, True = view to
     generate. Returns ``sum_b sum_{v target} lambda(s_b) ||D - x0||^2 / (number of target elements)``: the mean
     over every target latent element of the batch (samples with more targets weigh more, as each view counts once).
+    ``weight`` (B, V, 1 or C, h, w), optional: a per-element weight of the squared error (``face_weights``: the
+    face region of a view counts more); None = 1 everywhere, the paper's loss.
     """
     if D.shape != x0.shape or D.ndim != 5:
         raise ValueError(f"D and x0 must both be (B, V, C, h, w); got {tuple(D.shape)} and {tuple(x0.shape)}")
@@ -101,7 +103,10 @@ def edm_loss(D: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, target_mask
     if m.sum() == 0:
         raise ValueError("edm_loss: no target view in the batch (every view is a conditioning view)")
     w = loss_weight(sigma, sigma_data).to(D.device)                    # (B,)
-    per_view = ((D.float() - x0.float()) ** 2).mean(dim=(2, 3, 4))     # (B, V)
+    err = (D.float() - x0.float()) ** 2
+    if weight is not None:
+        err = err * weight.to(err.device, torch.float32)
+    per_view = err.mean(dim=(2, 3, 4))                                # (B, V)
     return (w[:, None] * per_view * m).sum() / m.sum()
 
 

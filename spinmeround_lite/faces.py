@@ -292,6 +292,15 @@ def face_template(resolution: int) -> torch.Tensor:
     world as the renderer does it (``Head.to_head`` inverted: lowered by ``Head.lift``, times ``scale``).
     """
     from . import cameras
+
+    pts = face_points_world()
+    c2w = cameras.orbit_c2w(0.0, 0.0)
+    uv, _ = cameras.project(pts, cameras.w2c_from_c2w(c2w), cameras.intrinsics(resolution))
+    return (uv - 0.5).double()
+
+
+def face_points_world() -> torch.Tensor:
+    """The mean procedural head's 5 face keypoints (5, 3) in world coordinates (``face_template``'s order)."""
     from .heads import Head, HeadParams
 
     h = Head(HeadParams())
@@ -301,10 +310,7 @@ def face_template(resolution: int) -> torch.Tensor:
                         [h.nose_tip[0], h.nose_tip[1], h.nose_tip[2] + p.nose_w],       # tip of the nose
                         [-p.lip_w, p.mouth_y, h.lips_z], [p.lip_w, p.mouth_y, h.lips_z]],  # mouth corners
                        dtype=torch.float32)
-    pts = (pts - pts.new_tensor([0.0, h.lift, 0.0])) * p.scale                         # head frame -> world
-    c2w = cameras.orbit_c2w(0.0, 0.0)
-    uv, _ = cameras.project(pts, cameras.w2c_from_c2w(c2w), cameras.intrinsics(resolution))
-    return (uv - 0.5).double()
+    return (pts - pts.new_tensor([0.0, h.lift, 0.0])) * p.scale                       # head frame -> world
 
 
 def face_box(resolution: int, margin: float = 0.6) -> tuple[int, int, int, int]:

@@ -129,6 +129,47 @@ def frontal_view(yaw: torch.Tensor, pitch: torch.Tensor) -> int:
     return int(torch.argmin(yaw**2 + torch.as_tensor(pitch, dtype=torch.float32) ** 2))
 
 
+FACE_MARGIN = 0.4          # face_weights' box: the 5 keypoints' box widened by this times the eye distance
+FACE_MAX_ANGLE = 70.0      # views whose camera is more than this from the face's forward direction: no face weight
+
+
+def face_weights(c2w: torch.Tensor, K: torch.Tensor, resolution: int, latent_res: int, strength: float
+                 ) -> torch.Tensor:
+    """Loss weights (V, 1, h, w) that make the face of each view count ``1 + strength`` times.
+
+    The mean procedural head's 5 face keypoints (``faces.face_points_world``) are projected into each view
+    (``c2w`` (V, 4, 4), ``K`` (V, 3, 3), pixels of a ``resolution`` render); the latent pixels whose centres fall
+    inside their box, widened by ``FACE_MARGIN`` eye distances, weigh ``1 + strength``, every other one 1. A view
+    that sees the face from more than ``FACE_MAX_ANGLE`` degrees off its forward direction (+z) gets none.
+    The face is a small part of each image and of a random rig (the eyes are 2-3 pixels at 64 px, the back half
+    of the views has no face), so with the paper's uniform loss it earns a few per cent of the gradient.
+    """
+    from . import cameras
+    from .faces import face_points_world
+
+    pts = face_points_world()                                               # (5, 3)
+    V = c2w.shape[0]
+    w = torch.ones(V, 1, latent_res, latent_res)
+    if strength <= 0:
+        return w
+    centre = pts.mean(0)
+    scale = resolution / latent_res
+    grid = (torch.arange(latent_res, dtype=torch.float32) + 0.5) * scale - 0.5    # latent pixel centres, in pixels
+    for v in range(V):
+        to_cam = c2w[v, :3, 3] - centre
+        cos = float(to_cam[2] / to_cam.norm().clamp_min(1e-8))
+        if cos < math.cos(math.radians(FACE_MAX_ANGLE)):
+            continue
+        uv, _ = cameras.project(pts, cameras.w2c_from_c2w(c2w[v]), K[v])
+        uv = uv - 0.5
+        pad = FACE_MARGIN * float((uv[1] - uv[0]).norm())
+        lo, hi = uv.min(0).values - pad, uv.max(0).values + pad
+        inside_x = (grid >= lo[0]) & (grid <= hi[0])
+        inside_y = (grid >= lo[1]) & (grid <= hi[1])
+        w[v, 0] += strength * (inside_y[:, None] & inside_x[None, :]).float()
+    return w
+
+
 def spread_views(yaw: torch.Tensor, start: int, n: int) -> list[int]:
     """``n`` views: ``start`` and the ``n - 1`` views whose yaw is nearest ``yaw[start] + k 360 / n``."""
     yaw = torch.as_tensor(yaw, dtype=torch.float32)
@@ -154,17 +195,23 @@ class TrainData:
     Recipe options, the paper's ablations (recorded in the model's config): ``cond_views`` a fixed number of
     conditioning views instead of the two stages (0 = "without input image"); ``use_identity=False`` always the
     empty prompt ("without identity embedding"); ``image_only=True`` normal latents zeroed and left out of the
-    loss ("without normal generation").
+    loss ("without normal generation"). The course's own option: ``face_weight > 0`` adds ``weight`` (B,P,1,h,w)
+    to the batch, the face of each target counting ``1 + face_weight`` times in the loss (``face_weights``);
+    0 is the paper's uniform loss.
     """
 
     def __init__(self, run: Run, progress: bool = True, cond_views: int | None = None, use_identity: bool = True,
-                 image_only: bool = False, identities: list[str] | None = None):
+                 image_only: bool = False, identities: list[str] | None = None, face_weight: float = 0.0):
         from .dataset import HeadDataset, ensure_dataset
         from .identity import ensure_encoder
         from .latents import ensure_latent_cache
 
         self.run, self.profile = run, run.profile
         self.cond_views, self.use_identity, self.image_only = cond_views, bool(use_identity), bool(image_only)
+        self.face_weight = float(face_weight)
+        if not (self.face_weight >= 0):
+            raise ValueError(f"face_weight must be >= 0 (0 = the paper's uniform loss), got {face_weight}")
+        self._face_w: dict[str, torch.Tensor] = {}       # identity -> (V, 1, h, w), computed once
         root = ensure_dataset(run)
         self.train = HeadDataset(root, split="train", cache=False)      # training reads the latent cache;
         self.train_ids = list(self.train.ids) if identities is None else [str(i) for i in identities]
@@ -213,6 +260,14 @@ class TrainData:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return profile_raymap(self.profile, c2w[idx], K[idx])
 
+    def face_weight_maps(self, ds, i: int, idx) -> torch.Tensor:
+        """Loss weights (P,1,h,w) of views ``idx`` of identity ``i`` (``face_weights``, ``face_weight``)."""
+        name = ds.ids[i]
+        if name not in self._face_w:
+            c2w, K, _, _ = self.camera(ds, i)
+            self._face_w[name] = face_weights(c2w, K, self.resolution, self.latent_res, self.face_weight)
+        return self._face_w[name][torch.as_tensor(idx, dtype=torch.long)]
+
     def latents(self, name: str, idx, background: bool = False, bg_set: int = 0) -> torch.Tensor:
         """Clean latents (P,8,h,w) = [image | normal] of views ``idx``; ``background``: every view on the identity's
         background colour ``bg_set`` (one colour for the whole sample)."""
@@ -224,10 +279,12 @@ class TrainData:
         B = batch_size or self.profile.batch_size
         g = step_generator(self.run.seed if seed is None else seed, step, micro, rank)
         P, ds = self.P, self.train
-        x0, mask, rays, emb, drop, bg, names, views = [], [], [], [], [], [], [], []
+        x0, mask, rays, emb, drop, bg, names, views, weight = [], [], [], [], [], [], [], [], []
         for _ in range(B):
             i = ds.ids.index(self.train_ids[int(torch.randint(len(self.train_ids), (1,), generator=g))])
             idx = torch.randperm(ds.views_per_identity, generator=g)[:P].tolist()
+            if self.face_weight > 0:
+                weight.append(self.face_weight_maps(ds, i, idx))
             if self.cond_views is not None:
                 n_cond = int(self.cond_views)
             elif stage == 1:
@@ -253,14 +310,19 @@ class TrainData:
         if self.image_only:
             x0[:, :, 4:] = 0.0
         drop = torch.tensor(drop)
-        return dict(x0=x0, mask=torch.stack(mask), rays=torch.stack(rays), id_emb=torch.stack(emb),
-                    drop=drop, drop_id=drop | (not self.use_identity), bg=torch.tensor(bg), sigma=sigma,
-                    noise=noise, channels=4 if self.image_only else 8, identity=names, views=torch.tensor(views),
-                    stage=stage)
+        out = dict(x0=x0, mask=torch.stack(mask), rays=torch.stack(rays), id_emb=torch.stack(emb),
+                   drop=drop, drop_id=drop | (not self.use_identity), bg=torch.tensor(bg), sigma=sigma,
+                   noise=noise, channels=4 if self.image_only else 8, identity=names, views=torch.tensor(views),
+                   stage=stage)
+        if weight:
+            out["weight"] = torch.stack(weight)
+        return out
 
     def options(self) -> dict:
         """The recipe options, as recorded in the model's config."""
         opts = {"cond_views": self.cond_views, "use_identity": self.use_identity, "image_only": self.image_only}
+        if self.face_weight > 0:
+            opts["face_weight"] = self.face_weight             # absent = 0, the paper's loss (older checkpoints)
         if len(self.train_ids) != len(self.train.ids):
             opts["train_identities"] = self.train_ids          # a run on some heads only (the overfit check)
         return opts
@@ -289,7 +351,8 @@ def training_loss(model, batch: dict, device: torch.device | str = "cpu") -> tor
 
     ``x = x0 + sigma n``; conditioning latents are ``x0`` (zeros where the sample is dropped for CFG);
     ``D = model(x, sigma, cond, mask, rays, id_emb, drop_id=drop_id)``; loss = ``edm_loss(D, x0, sigma, ~mask)``
-    on the first ``batch["channels"]`` latent channels (all 8 unless the image-only ablation).
+    on the first ``batch["channels"]`` latent channels (all 8 unless the image-only ablation), weighted by
+    ``batch["weight"]`` where present (``TrainData(face_weight=...)``).
     """
     x0 = batch["x0"].to(device)
     sigma = batch["sigma"].to(device)
@@ -300,7 +363,9 @@ def training_loss(model, batch: dict, device: torch.device | str = "cpu") -> tor
     cond = torch.where(drop.view(-1, 1, 1, 1, 1), torch.zeros_like(x0), x0)        # CFG: zero images
     D = model(x, sigma, cond, mask, batch["rays"].to(device), batch["id_emb"].to(device), drop_id=drop_id)
     c = int(batch.get("channels", x0.shape[2]))
-    return edm.edm_loss(D[:, :, :c], x0[:, :, :c], sigma, ~mask)
+    weight = batch.get("weight")
+    return edm.edm_loss(D[:, :, :c], x0[:, :, :c], sigma, ~mask,
+                        weight=None if weight is None else weight.to(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +664,7 @@ def final_loss_of(losses: list[float]) -> float:
 def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = None, resume: bool = True,
           progress: bool = True, stop_after: int | None = None, grids: bool = True, cond_views: int | None = None,
           use_identity: bool = True, image_only: bool = False, identities: list[str] | None = None,
-          init_from: str | os.PathLike | None = None) -> TrainResult:
+          init_from: str | os.PathLike | None = None, face_weight: float = 0.0) -> TrainResult:
     """Train a ``SpinModel`` for ``steps`` optimizer steps (``profile.train_steps``) into ``out``.
 
     ``out`` defaults to ``run.model_dir("spin")``; it receives ``checkpoints/``, ``samples/step_*.png``,
@@ -609,6 +674,7 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
     ``stop_after``: stop after that many steps of this call as if the process were killed (tests).
     ``grids=False`` skips the sample grids. ``cond_views``, ``use_identity``, ``image_only``: the paper's ablations
     (``TrainData``), recorded in the saved config; a checkpoint made with other options is not resumed.
+    ``face_weight``: the face of each target counts ``1 + face_weight`` times in the loss (``face_weights``).
     Runs under ``accelerate launch`` as well: each process draws its own batches, gradients are averaged.
     Sizes come from ``run.profile``: ``batch_size`` per process, ``grad_accum``, ``lr``, ``ema_decay``,
     ``checkpoint_every``, ``sample_every`` (0 = no grids), ``mixed_precision``.
@@ -636,7 +702,7 @@ def train(run: Run, steps: int | None = None, out: str | os.PathLike | None = No
 
     with accelerator.main_process_first():                # the main process builds missing artifacts first
         data = TrainData(run, progress=progress and main, cond_views=cond_views, use_identity=use_identity,
-                         image_only=image_only, identities=identities)
+                         image_only=image_only, identities=identities, face_weight=face_weight)
     options = dict(data.options(), **data.fingerprints)    # checked on resume, recorded in every checkpoint
     torch.manual_seed(run.seed)                           # the initial weights depend on the seed only
     model = SpinModel.from_profile(p)

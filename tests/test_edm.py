@@ -159,6 +159,24 @@ def test_loss_counts_target_views_only_and_is_the_F_space_error():
         edm.edm_loss(D, x0, sigma, torch.zeros_like(mask))
 
 
+def test_loss_weight_of_ones_changes_nothing_and_a_weighted_region_counts_more():
+    x0, _, _, mask = _inputs()
+    g = torch.Generator().manual_seed(4)
+    D = x0 + 0.1 * torch.randn(x0.shape, generator=g)
+    sigma = torch.tensor([0.5, 1.0, 3.0])
+    B, V, _, h, w = x0.shape
+    ones = torch.ones(B, V, 1, h, w)
+    torch.testing.assert_close(edm.edm_loss(D, x0, sigma, ~mask, weight=ones), edm.edm_loss(D, x0, sigma, ~mask))
+    region = ones.clone()
+    region[..., : h // 2, :] = 5.0                        # the top half counts 5 times
+    D_top, D_bottom = x0.clone(), x0.clone()
+    D_top[..., : h // 2, :] += 0.1                        # the same error, in the weighted half or the other
+    D_bottom[..., h // 2:, :] += 0.1
+    assert edm.edm_loss(D_top, x0, sigma, ~mask) == pytest.approx(float(edm.edm_loss(D_bottom, x0, sigma, ~mask)))
+    weighted_top = float(edm.edm_loss(D_top, x0, sigma, ~mask, weight=region))
+    assert weighted_top == pytest.approx(5 * float(edm.edm_loss(D_bottom, x0, sigma, ~mask, weight=region)))
+
+
 def test_checkpoint_round_trip_and_other_profile_is_refused(tmp_path):
     torch.manual_seed(0)
     model = SpinModel.from_profile("test")

@@ -75,6 +75,39 @@ def test_ablation_options_change_the_batches(data):
     assert abl.options() == {"cond_views": 0, "use_identity": False, "image_only": True}
 
 
+def test_face_weight_marks_the_face_of_front_views_only_and_is_recorded(data):
+    import copy
+
+    ds = data.train
+    c2w, K, yaw, pitch = data.camera(ds, 0)
+    w = T.face_weights(c2w, K, data.resolution, data.latent_res, 4.0)
+    assert w.shape == (len(c2w), 1, data.latent_res, data.latent_res) and set(w.unique().tolist()) <= {1.0, 5.0}
+    front, back = T.frontal_view(yaw, pitch), int(torch.argmax(((yaw + 180) % 360 - 180).abs()))
+    assert (w[front] > 1).any() and not (w[back] > 1).any()          # the face is seen from the front only
+    rows, cols = torch.nonzero(w[front, 0] > 1, as_tuple=True)       # ... in the middle, below the hair
+    h = data.latent_res
+    assert 0.25 * h < cols.float().mean() < 0.75 * h and rows.float().mean() > 0.4 * h
+    assert (w[front] > 1).float().mean() < 0.4                       # a part of the image, not all of it
+    assert torch.equal(T.face_weights(c2w, K, data.resolution, data.latent_res, 0.0), torch.ones_like(w))
+
+    fw = copy.copy(data)
+    fw.face_weight, fw._face_w = 4.0, {}
+    b = fw.batch(3, stage=1, batch_size=2)
+    assert b["weight"].shape == (2, data.P, 1, h, h)
+    assert "weight" not in data.batch(3, stage=1, batch_size=2)      # the paper's loss: no weights at all
+    assert fw.options()["face_weight"] == 4.0 and "face_weight" not in data.options()
+    plain = T.training_loss(_tiny_model(), data.batch(3, stage=1, batch_size=2))
+    weighted = T.training_loss(_tiny_model(), b)
+    assert weighted > plain                                           # the same batch, the face counting 5 times
+    with pytest.raises(ValueError, match="face_weight"):
+        T.TrainData.__init__(copy.copy(data), data.run, face_weight=-1.0)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return SpinModel.from_profile("test")
+
+
 def test_a_few_steps_on_one_fixed_batch_lower_the_loss(data):
     torch.manual_seed(0)
     model = SpinModel.from_profile("test")

@@ -1,4 +1,4 @@
-"""Does the model copy the given view's face? One denoising step on true latents near the input, view given or not.
+"""Does the model use the given view's face? One denoising step on true latents near the input, view given or not.
 
     python tools/copy_check.py --model reference/cpu/spin --run-dir <reference run folder> --extra-identities 336
 
@@ -7,9 +7,15 @@ and the back (targets). The targets' *true* latents get noise of level sigma; th
 once with the true frontal latent given and once with it zeroed (the rest identical: noise, cameras, identity),
 and once given without the identity embedding. Printed per sigma: the PSNR inside the face box
 (``faces.face_box``) of the decoded result against the decoded truth, for the six near targets, and of the noisy
-input itself. A model that uses its input for the face gains most where the face is almost the same image shifted;
-one that takes only colours and layout from it shows no gap at low and middle noise. The run folder is a training
-run (its data, autoencoder and identity embeddings); the held-out heads are never trained on.
+input itself; and once, the PSNR of the given view's face pasted as it is onto each target (a verbatim copy).
+
+How to read it. At low noise the target's own latent holds its face, so the given view adds little whatever the
+model does (and a verbatim copy is no better: the face has moved a pixel or two). At pure noise (sigma 40) only
+the given view and what the model learned are left: a model that ignores its input sits at the zeroed figure, one
+that copies at about the copy figure, one that moves the face with the camera above it. The result is a one-step
+prediction, a mean over what the face could be, so it is smooth by nature: this checks *use*, not sharpness.
+The run folder is a training run (its data, autoencoder and identity embeddings); the held-out heads are never
+trained on.
 """
 
 import argparse
@@ -31,7 +37,7 @@ from spinmeround_lite.runs import Run  # noqa: E402
 from spinmeround_lite.train import TrainData, frontal_view  # noqa: E402
 
 OFFSETS = (8, -8, 16, -16, 24, -24, 180)     # target yaws relative to the given view; the last is the back
-SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
+SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 40.0)     # 40: pure noise, only the given view and the prior are left
 
 
 def main() -> int:
@@ -69,8 +75,11 @@ def main() -> int:
         return codec.decode(z[:, 1:7, :4].flatten(0, 1)).view(B * 6, 3, R, R)[..., top:bottom, left:right]
 
     truth = faces_of(x0)
+    copied = faces_of(x0[:, :1].expand(B, V, *x0.shape[2:]))   # the given view's face pasted as it is
+    copy_db = metrics.psnr(copied, truth).mean().item()
+    print(f"the given view's face copied as it is: {copy_db:.2f} dB", flush=True)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    out = {"model": a.model, "heads": B, "offsets": list(OFFSETS), "face_psnr_db": {}}
+    out = {"model": a.model, "heads": B, "offsets": list(OFFSETS), "copy_db": round(copy_db, 2), "face_psnr_db": {}}
     with torch.no_grad():
         for s in SIGMAS:
             x = torch.where(mask[:, :, None, None, None], x0, x0 + s * noise)

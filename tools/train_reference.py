@@ -138,6 +138,9 @@ def main() -> int:
     ap.add_argument("--init-from", default=None,
                     help="a saved multi-view model folder to start from (a fine-tuning stage of the campaign, e.g. "
                          "onto a retrained autoencoder); trains into --model-name")
+    ap.add_argument("--face-weight", type=float, default=0.0,
+                    help="the face of each target counts 1 + this times in the loss (train.face_weights; 0 = the "
+                         "paper's uniform loss); recorded in the model's config")
     ap.add_argument("--model-name", default="spin",
                     help="the run's model folder to train and export as spin/ (a fine-tuning stage: its own name)")
     ap.add_argument("--decoder-steps", type=int, default=None,
@@ -171,9 +174,11 @@ def main() -> int:
         t0 = dt.datetime.now()
         if args.ablation:
             options = {} if args.ablation == "full_same_budget" else ABLATIONS[args.ablation]
-            train(run, steps=args.steps, out=run.model_dir(f"ablation_{args.ablation}"), grids=False, **options)
+            train(run, steps=args.steps, out=run.model_dir(f"ablation_{args.ablation}"), grids=False,
+                  init_from=args.init_from, face_weight=args.face_weight, **options)
         else:
-            train(run, steps=args.steps, out=run.model_dir(args.model_name), init_from=args.init_from)
+            train(run, steps=args.steps, out=run.model_dir(args.model_name), init_from=args.init_from,
+                  face_weight=args.face_weight)
         seconds = (dt.datetime.now() - t0).total_seconds()
     else:
         seconds = None
@@ -190,6 +195,8 @@ def main() -> int:
              "threads": torch.get_num_threads(), "model_folder": args.model_name}
     if args.init_from:
         entry["init_from"] = str(args.init_from)
+    if args.face_weight:
+        entry["face_weight"] = args.face_weight
     if args.note:
         entry["note"] = args.note
     campaign.append(entry)
