@@ -1,4 +1,4 @@
-"""Is the model using its cameras and its input? Three checks every reader of a multi-view paper should run.
+"""Is the model using its cameras and its input? Four checks every reader of a multi-view paper should run.
 
 Notebook 07 teaches them; ``tests/test_checks.py`` keeps them from coming back. A multi-view diffusion model can
 reach a low training loss while ignoring half of what it is given: it can draw the *average* head turned roughly
@@ -24,6 +24,14 @@ the right way, or the right head always from the front. Loss curves do not show 
    of head ``b`` replaced by the frontal view of another head ``b'``. If the model reads its input view, the targets'
    colours and hair follow ``b'``: ``swap_follow`` is the fraction of generated views nearer (RGB L2) to ``b'``'s
    true view than to ``b``'s.
+
+4. **Input use at the face** (``input_use``). Views 8 to 24 degrees from the given one, where the face is almost
+   the given face moved a little: one denoiser call at pure noise (sigma 40, no guidance), the frontal view given
+   or zeroed (the same noise, cameras and identity). Against the true renders, the PSNR inside the face box of the
+   decoded prediction, and of the given face pasted as it is (a verbatim copy). A model that ignores its input
+   scores the same either way (``input_gain_db`` 0); one that copies scores about the copy; one that also moves the
+   face with the camera scores above it. A one-step prediction is a mean over every face that could be there, so it
+   is smooth by nature: this measures *use* of the input, not the sharpness of the samples.
 
 Truth comes from rendering the heads' parameters at the exact cameras (``render.render_views``), so the checks do not
 depend on which rig views a dataset happens to hold. Images are ``(N, 3, H, W)`` in [0, 1].
@@ -223,3 +231,54 @@ def identity_swap(model, codec, profile, heads: Heads, seed: int = 0, steps: int
         d_old = metrics.l2(rgb[b, 1:], t["rgb"][b, 1:])
         follow += (d_new < d_old).tolist()
     return {"figures": {"swap_follow": sum(follow) / len(follow)}, "rgb": rgb, "given": t["rgb"][perm, 0]}
+
+
+INPUT_USE_OFFSETS = (8.0, -8.0, 16.0, -16.0, 24.0, -24.0)
+
+
+@torch.no_grad()
+def input_use(model, codec, profile, heads: Heads, offsets=INPUT_USE_OFFSETS, sigma: float = 40.0,
+              seed: int = 0) -> dict:
+    """The input-use check (module docstring, 4) on ``heads``: targets at ``offsets`` degrees from the frontal view.
+
+    Returns the figures ``input_use_given_db``, ``input_use_zeroed_db``, ``input_use_copy_db`` (face-box PSNR
+    against the true renders, mean over heads and targets), ``input_gain_db`` (given minus zeroed),
+    ``input_beyond_copy_db`` (given minus copy) and the decoded predictions ``given``, ``zeroed`` and ``truth``
+    (N, T, 3, H, W) for the pictures.
+    """
+    from .faces import face_box
+    from .spinning import view_rays
+
+    offsets = torch.as_tensor(offsets, dtype=torch.float32).reshape(-1)
+    yaws = torch.cat([torch.zeros(1), offsets])
+    N, V, R = len(heads.params), len(yaws), profile.resolution
+    truth = [render_at(p, yaws, R) for p in heads.params]
+    rgb = torch.stack([t["rgb"] for t in truth])                                    # (N, V, 3, R, R)
+    nrm = torch.stack([t["normal_rgb"] for t in truth])
+    x0 = torch.stack([frontal_latents(codec, rgb[b], nrm[b]) for b in range(N)])    # (N, V, 8, h, w)
+    _, _, rays = view_rays(profile, yaws)
+    rays = rays[None].expand(N, *rays.shape).to(x0)
+    mask = torch.zeros(N, V, dtype=torch.bool)
+    mask[:, 0] = True
+    g = torch.Generator().manual_seed(seed)
+    x = torch.where(mask[:, :, None, None, None], x0, x0 + sigma * torch.randn(x0.shape, generator=g))
+    s = torch.full((N,), float(sigma))
+    dev = codec.device
+
+    def decoded(cond):
+        D = model.denoise(x.to(dev), s.to(dev), cond.to(dev), mask.to(dev), rays.to(dev),
+                          heads.id_emb.to(dev)).float()
+        img, _ = decode_latents(codec, D[:, 1:].flatten(0, 1))
+        return img.float().cpu().clamp(0, 1).view(N, V - 1, 3, R, R)
+
+    given, zeroed = decoded(x0), decoded(torch.zeros_like(x0))
+    top, bottom, left, right = face_box(R)
+    face = lambda im: im[..., top:bottom, left:right].flatten(0, 1)
+    tgt = rgb[:, 1:]
+    db = lambda im: metrics.psnr(face(im), face(tgt)).mean().item()
+    g_db, z_db = db(given), db(zeroed)
+    c_db = db(rgb[:, :1].expand(-1, V - 1, -1, -1, -1))
+    figures = {"input_use_given_db": g_db, "input_use_zeroed_db": z_db, "input_use_copy_db": c_db,
+               "input_gain_db": g_db - z_db, "input_beyond_copy_db": g_db - c_db, "input_use_sigma": float(sigma),
+               "input_use_offsets": offsets.tolist()}
+    return {"figures": figures, "given": given, "zeroed": zeroed, "truth": tgt}

@@ -45,7 +45,7 @@ REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
     "07_anchor_sampling": ("views", "spin_seconds", "anchor_ssim", "anchor_psnr", "teacher_forced_ssim",
                            "teacher_forced_l2", "teacher_forced_normal_err_deg", "teacher_forced_mean_head_ssim",
                            "teacher_forced_mean_head_normal_err_deg", "pose_accuracy", "identity_accuracy",
-                           "sweep_accuracy", "swap_follow"),
+                           "sweep_accuracy", "swap_follow", "input_gain_db"),
     "08_gaussian_splatting": ("splat_psnr_train", "splat_psnr_heldout_views", "gaussians", "fit_seconds", "backend"),
     "09_evaluation": ("l2", "ssim", "lpips", "id_sim_cond", "id_sim_eval", "normal_angle_err_deg"),
     "10_your_photo": ("photo_faces_found", "photo_align_backend", "photo_id_distance_by_yaw",

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spinmeround_lite import checks
+from spinmeround_lite import checks, metrics
 from spinmeround_lite.heads import sample_identity
 from spinmeround_lite.profiles import get_profile
 from spinmeround_lite.raymaps import decode_rays
@@ -104,6 +104,31 @@ def test_oracle_is_right_about_pose(heads):
     assert f["teacher_forced_ceiling_ssim"] < 0.99
     assert abs(f["teacher_forced_ssim"] - f["teacher_forced_ceiling_ssim"]) < 0.02
     assert abs(f["teacher_forced_normal_err_deg"] - f["teacher_forced_ceiling_normal_err_deg"]) < 2
+
+
+def test_input_use_tells_a_model_that_reads_its_input_from_one_that_does_not(heads):
+    codec = PoolCodec()
+    # the oracle draws every view from the head's parameters: it never reads the given view
+    ignores = checks.input_use(StandIn(heads, codec, blind=False), codec, P, heads)
+    f = ignores["figures"]
+    assert f["input_gain_db"] == pytest.approx(0.0, abs=1e-6)
+    # the camera-blind stand-in pastes the given view onto every target: all input, about the copy
+    copies = checks.input_use(StandIn(heads, codec, blind=True), codec, P, heads)
+    f = copies["figures"]
+    assert f["input_gain_db"] > 3.0
+    assert f["input_use_given_db"] < f["input_use_copy_db"]              # the copy, through the blurring codec:
+    from spinmeround_lite.faces import face_box
+    top, bottom, left, right = face_box(RES)
+    pasted = codec.decode(codec.encode(heads_frontal(heads)))
+    pasted = pasted.expand_as(copies["truth"])[..., top:bottom, left:right].flatten(0, 1)
+    want = metrics.psnr(pasted, copies["truth"][..., top:bottom, left:right].flatten(0, 1)).mean().item()
+    assert f["input_use_given_db"] == pytest.approx(want, abs=1e-3)
+    assert copies["given"].shape == (len(heads.params), len(checks.INPUT_USE_OFFSETS), 3, RES, RES)
+
+
+def heads_frontal(heads):
+    """The heads' true frontal views (N, 1, 3, H, W)."""
+    return heads.truth["rgb"][:, :1]
 
 
 def test_spread_yaws_and_jittered_cameras():
