@@ -34,6 +34,7 @@ from spinmeround_lite.latents import ensure_vae  # noqa: E402
 from spinmeround_lite.model import SpinModel  # noqa: E402
 from spinmeround_lite.profiles import get_profile  # noqa: E402
 from spinmeround_lite.runs import Run  # noqa: E402
+from spinmeround_lite.spinning import wrap_yaw  # noqa: E402
 from spinmeround_lite.train import TrainData, frontal_view  # noqa: E402
 
 OFFSETS = (8, -8, 16, -16, 24, -24, 180)     # target yaws relative to the given view; the last is the back
@@ -58,7 +59,7 @@ def main() -> int:
         _, _, yaw, pitch = data.camera(ds, i)
         idx = [frontal_view(yaw, pitch)]
         for o in OFFSETS:
-            d = ((yaw - (yaw[idx[0]] + o) + 180) % 360 - 180).abs() + 3 * pitch.abs()
+            d = wrap_yaw(yaw - (yaw[idx[0]] + o)).abs() + 3 * pitch.abs()
             d[idx] = float("inf")
             idx.append(int(d.argmin()))
         x0.append(data.latents(ds.ids[i], idx))
