@@ -196,7 +196,9 @@ class ImagePool:
     """
 
     def __init__(self, ds, max_identities: int | None = None, progress: bool = True):
-        rgb, nrm, alpha, frontal = [], [], [], []
+        from .train import face_weights
+
+        rgb, nrm, alpha, frontal, face = [], [], [], [], []
         n = len(ds) if max_identities is None else min(max_identities, len(ds))
         for i in tqdm(range(n), desc="loading renders", disable=not progress, leave=False):
             d = ds.views(i, list(range(ds.views_per_identity)))
@@ -205,8 +207,11 @@ class ImagePool:
             alpha.append(_to_u8(d["alpha"]))
             yaw = (d["yaw"].float() + 180) % 360 - 180
             frontal.append((yaw.abs() < FACE_YAW) & (d["pitch"].float().abs() < FACE_PITCH))
+            R = d["rgb"].shape[-1]                    # the face of every view, wherever the camera put it
+            face.append(face_weights(d["c2w"].float(), d["K"].float(), R, R, 1.0)[:, 0] > 1)
         self.rgb, self.normal_rgb, self.alpha = torch.cat(rgb), torch.cat(nrm), torch.cat(alpha)
         self.frontal = torch.cat(frontal)             # views that show the face (``face_box`` holds it)
+        self.face = torch.cat(face)                   # (N, H, W) bool: the projected face box of each view
         self.resolution = self.rgb.shape[-1]
 
     def __len__(self) -> int:
@@ -226,17 +231,26 @@ class ImagePool:
         return self._draw(n, generator, p_bg)[0]
 
     def batch_with_face_weights(self, n: int, generator: torch.Generator | None = None, face_weight: float = 0.0,
-                                p_bg: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch`` plus per-pixel loss weights ``(n, 1, H, W)``: 1, and ``1 + face_weight`` inside
-        ``faces.face_box`` of the RGB views that show the face (yaw within ``FACE_YAW``, pitch within
-        ``FACE_PITCH`` degrees). The face is a few hundred of the 4096 pixels of a 64-pixel render, in one view
-        of six: unweighted, an autoencoder spends its capacity on hair and skin."""
+                                p_bg: float = 0.5, face_region: str = "frontal") -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` plus per-pixel loss weights ``(n, 1, H, W)``: 1, and ``1 + face_weight`` on the face of the
+        RGB views. The face is a few hundred of the 4096 pixels of a 64-pixel render, in one view of six:
+        unweighted, an autoencoder spends its capacity on hair and skin.
+
+        ``face_region="frontal"``: ``faces.face_box`` of the views within ``FACE_YAW`` / ``FACE_PITCH`` degrees of
+        frontal (the first reference autoencoder's recipe); ``"projected"``: the face box of every view that sees
+        the face, projected with its own camera (``train.face_weights``), so a face seen at 45 degrees counts too.
+        """
         from .faces import face_box
 
         img, idx, is_normal = self._draw(n, generator, p_bg)
         w = torch.ones(n, 1, *img.shape[-2:])
-        t, b, l, r = face_box(img.shape[-1])
-        w[self.frontal[idx] & ~is_normal, :, t:b, l:r] += face_weight
+        if face_region == "projected":
+            w[:, 0] += face_weight * (self.face[idx] & ~is_normal[:, None, None]).float()
+        elif face_region == "frontal":
+            t, b, l, r = face_box(img.shape[-1])
+            w[self.frontal[idx] & ~is_normal, :, t:b, l:r] += face_weight
+        else:
+            raise ValueError(f"face_region must be 'frontal' or 'projected', got {face_region!r}")
         return img, w
 
 
@@ -338,7 +352,8 @@ def decoder_loss(vae, x: torch.Tensor, grad_weight: float = DECODER_GRAD_WEIGHT,
 
 def finetune_decoder(vae, pool: ImagePool, steps: int, batch: int, lr: float = 1e-3,
                      grad_weight: float = DECODER_GRAD_WEIGHT, face_weight: float = DECODER_FACE_WEIGHT,
-                     seed: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
+                     seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
+                     face_region: str = "frontal") -> list[dict]:
     """Train the decoder (and ``post_quant_conv``) on with the encoder frozen: Adam on ``decoder_loss`` for
     ``steps`` batches from ``pool`` (the face's pixels weighted ``1 + face_weight``,
     ``ImagePool.batch_with_face_weights``), a 50-step warm-up, then a cosine decay to 5 % of ``lr``.
@@ -355,7 +370,7 @@ def finetune_decoder(vae, pool: ImagePool, steps: int, batch: int, lr: float = 1
     g = torch.Generator().manual_seed(seed)
 
     def loss_fn():
-        x, w = pool.batch_with_face_weights(batch, g, face_weight)
+        x, w = pool.batch_with_face_weights(batch, g, face_weight, face_region=face_region)
         return decoder_loss(vae, x.to(device), grad_weight, w.to(device))
 
     history = _adam_cosine(params, steps, lr, max(1, min(50, steps // 4)), loss_fn, "training the decoder on",
@@ -448,23 +463,24 @@ def build_trained_vae(run: Run, folder: Path, progress: bool = True) -> dict:
 
 
 def _train_decoder_on(vae, pool: ImagePool, heldout, p: Profile, steps: int, lr: float, face_weight: float,
-                      run: Run, progress: bool) -> dict:
+                      run: Run, progress: bool, face_region: str = "frontal") -> dict:
     """``finetune_decoder`` with the held-out reconstructions measured before and after; -> its record."""
     fp = vae_fingerprint(LatentCodec(vae))
     before = evaluate_codec(LatentCodec(vae, resolution=p.resolution), heldout)
     t0 = time.perf_counter()
     history = finetune_decoder(vae, pool, steps, p.vae_batch, lr=lr, face_weight=face_weight, seed=run.seed + 2,
-                               device=run.device, progress=progress)
+                               device=run.device, progress=progress, face_region=face_region)
     codec = LatentCodec(vae, resolution=p.resolution)
     if vae_fingerprint(codec) != fp:
         raise RuntimeError("the latents moved while only the decoder was trained: a bug in finetune_decoder")
     return {"steps": steps, "batch": p.vae_batch, "lr": lr, "grad_weight": DECODER_GRAD_WEIGHT,
-            "face_weight": face_weight, "seconds": time.perf_counter() - t0, "heldout_before": before,
+            "face_weight": face_weight, "face_region": face_region, "seconds": time.perf_counter() - t0,
+            "heldout_before": before,
             "heldout_after": evaluate_codec(codec, heldout), "history": [h["loss"] for h in history][::10]}
 
 
 def finetune_run_decoder(run: Run, steps: int, lr: float | None = None, face_weight: float = DECODER_FACE_WEIGHT,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, face_region: str = "frontal") -> dict:
     """Train the decoder of the run's autoencoder (``models/vae``) on for ``steps`` batches, the encoder frozen
     (``finetune_decoder``), measure the held-out reconstructions before and after (``evaluate_codec``), and put
     it back in place of the old one (written beside it, then renamed). The latents do not move, so the run's
@@ -482,7 +498,7 @@ def finetune_run_decoder(run: Run, steps: int, lr: float | None = None, face_wei
     _check_vae(vae, p, folder)
     pool = ImagePool(train, max_identities=max(1, POOL_VIEWS // train.views_per_identity), progress=progress)
     lr = p.vae_decoder_lr if lr is None else lr
-    record = _train_decoder_on(vae, pool, heldout, p, steps, lr, face_weight, run, progress)
+    record = _train_decoder_on(vae, pool, heldout, p, steps, lr, face_weight, run, progress, face_region)
     info = read_json(folder / "train.json") if (folder / "train.json").exists() else {}
     info.setdefault("decoder_finetunes", []).append(record)
     with atomic_folder(folder) as tmp:

@@ -186,7 +186,7 @@ class _Pool:
     def batch(self, n, generator=None, p_bg=0.5):
         return self.x[:n]
 
-    def batch_with_face_weights(self, n, generator=None, face_weight=0.0, p_bg=0.5):
+    def batch_with_face_weights(self, n, generator=None, face_weight=0.0, p_bg=0.5, face_region="frontal"):
         return self.x[:n], torch.ones(n, 1, *self.x.shape[-2:])
 
 
@@ -240,6 +240,14 @@ def test_face_weights_fall_on_the_face_of_frontal_rgb_views(tmp_path):
     assert torch.all(outside == 1) and torch.all(w[1::2] == 1)        # normal maps (odd rows) unweighted
     boxes = w[..., t:b, l:r].flatten(1)
     assert torch.all((boxes == 1).all(1) | (boxes == 10).all(1)) and (boxes == 10).all(1).any()
+    # each view's own projected face box: the same images, weights on the RGB views that see the face
+    g3 = torch.Generator().manual_seed(5)
+    xp, wp = pool.batch_with_face_weights(64, g3, face_weight=9.0, face_region="projected")
+    torch.testing.assert_close(xp, x)
+    assert set(wp.unique().tolist()) == {1.0, 10.0} and torch.all(wp[1::2] == 1)
+    assert pool.face.shape == (len(pool), 32, 32) and pool.face.any(dim=(1, 2)).sum() > pool.frontal.sum()
+    with pytest.raises(ValueError, match="face_region"):
+        pool.batch_with_face_weights(4, face_region="nose")
 
 
 def test_finetune_run_decoder_replaces_the_decoder_and_keeps_the_cache(tmp_path):

@@ -96,20 +96,21 @@ def export(run: Run, dest: Path, seconds: float | None, model_name: str = "spin"
     return steps_done
 
 
-def finetune_decoder_and_export(run: Run, dest: Path, steps: int, note: str | None) -> int:
+def finetune_decoder_and_export(run: Run, dest: Path, steps: int, note: str | None,
+                                face_region: str = "frontal") -> int:
     """Train the run's autoencoder decoder on (``latents.finetune_run_decoder``) and export ``vae/`` into ``dest``,
     with a campaign entry in its manifest."""
     from spinmeround_lite.latents import ensure_vae, finetune_run_decoder
 
     ensure_vae(run)
-    rec = finetune_run_decoder(run, steps)
+    rec = finetune_run_decoder(run, steps, face_region=face_region)
     tgt = dest / "vae"
     with atomic_folder(tgt) as tmp:
         shutil.copytree(run.model_dir("vae"), tmp, dirs_exist_ok=True)
     man = read_json(dest / "manifest.json") if (dest / "manifest.json").exists() else {}
     entry = {"exported": dt.datetime.now().isoformat(timespec="seconds"),
              "steps": steps, "seconds_this_call": rec["seconds"], "threads": torch.get_num_threads(),
-             "heldout_before": rec["heldout_before"], "heldout_after": rec["heldout_after"]}
+             "heldout_before": rec["heldout_before"], "heldout_after": rec["heldout_after"], "face_region": face_region}
     if note:
         entry["note"] = note
     man.setdefault("vae_decoder_campaign", []).append(entry)       # apart from the models' "campaign"
@@ -146,6 +147,10 @@ def main() -> int:
     ap.add_argument("--decoder-steps", type=int, default=None,
                     help="only train the run's autoencoder decoder on for this many steps (encoder frozen, so the "
                          "latent cache and every model stay valid) and export vae/")
+    ap.add_argument("--decoder-face-region", default="frontal", choices=["frontal", "projected"],
+                    help="with --decoder-steps: which pixels the face weight covers (latents.ImagePool."
+                         "batch_with_face_weights): the frontal face box of near-frontal views, or each view's own "
+                         "projected face box")
     ap.add_argument("--note", default=None, help="a line for this export's campaign entry")
     ap.add_argument("--ablation", default=None,
                     choices=[*ABLATIONS, "full_same_budget"],
@@ -161,7 +166,7 @@ def main() -> int:
               seed=args.seed)
     dest = Path(args.out) if args.out else ROOT / "reference" / base.name
     if args.decoder_steps:
-        return finetune_decoder_and_export(run, dest, args.decoder_steps, args.note)
+        return finetune_decoder_and_export(run, dest, args.decoder_steps, args.note, args.decoder_face_region)
     if not args.export:
         from spinmeround_lite.dataset import ensure_dataset
         from spinmeround_lite.identity import ensure_encoder
