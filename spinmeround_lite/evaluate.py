@@ -629,6 +629,9 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
     if results.get("truth"):
         lines.append("| *the true views (ceiling)* | rendered | "
                      + " | ".join(_fmt(results["truth"].get(c)) for c in cols) + " |")
+    if results.get("autoencoder"):
+        lines.append("| *the true views through the autoencoder (a latent model's ceiling)* | encoded and decoded | "
+                     + " | ".join(_fmt(results["autoencoder"].get(c)) for c in cols) + " |")
     if results.get("ablations"):
         lines += ["", "### Ablations (paper: full model best on L2, LPIPS, SSIM)", "", head]
         if model and "full_same_budget" not in results["ablations"]:
@@ -790,6 +793,8 @@ def plot_per_angle(results: dict, metric_names: Iterable[str] = METRICS, ncols: 
     rows += [(f"ablation: {n}", r, dict(ls=":")) for n, r in results.get("ablations", {}).items()]
     if results.get("truth"):
         rows.append(("true views", results["truth"], dict(color="0.6", lw=1)))
+    if results.get("autoencoder"):
+        rows.append(("through the autoencoder", results["autoencoder"], dict(color="0.6", lw=1, ls="-.")))
     names = list(metric_names)
     nrows = math.ceil(len(names) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -851,6 +856,19 @@ def truth_method(case: EvalCase) -> dict:
     return {"rgb": case.rgb, "normal": case.normal}
 
 
+def round_trip_method(codec):
+    """The true views encoded and decoded by the autoencoder: the best any latent model can draw with it. Its
+    ``face_found`` against the truth's says how many faces the autoencoder itself loses at each angle."""
+    def method(case: EvalCase) -> dict:
+        dev = codec.device
+        nrm_img = torch.where(case.alpha > 0.5, (case.normal + 1) / 2, torch.ones_like(case.normal))  # as rendered
+        with torch.no_grad():
+            rgb = codec.decode(codec.encode(case.rgb.to(dev))).float().cpu().clamp(0, 1)
+            nrm = codec.decode(codec.encode(nrm_img.to(dev))).float().cpu().clamp(0, 1)
+        return {"rgb": rgb, "normal": metrics.normal_rgb_to_vec(nrm), "normal_reason": None}
+    return method
+
+
 def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None = None,
                  baselines: bool = True, ablations: bool = True, mean_head_identities: int = 16,
                  lpips_path: str | os.PathLike | None = None, progress: bool = True) -> dict:
@@ -858,7 +876,8 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
 
     Returns ``{"protocol": {...}, "truth": {...}, "model": {...}, "baselines": {name: {...}}, "ablations":
     {name: {...}}, "ordering": ordering_report(...)}``; each entry as ``evaluate_method`` returns it (with its views);
-    ``truth`` scores the true views themselves (``truth_method``: the face-found rate to read the others against).
+    ``truth`` scores the true views themselves (``truth_method``: the face-found rate to read the others against),
+    ``autoencoder`` the true views through the autoencoder (``round_trip_method``: the latent models' ceiling).
     """
     from .spinning import SpinParts
 
@@ -869,6 +888,8 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
     source = describe_source(parts.source, parts.model)
     results: dict = {"protocol": protocol_info(run, cases), "baselines": {}, "ablations": {}}
     results["truth"] = evaluate_method(cases, truth_method, encoders, "true views", "rendered truth", **kw)
+    results["autoencoder"] = evaluate_method(cases, round_trip_method(parts.codec), encoders,
+                                             "true views through the autoencoder", "encoded and decoded", **kw)
     results["model"] = evaluate_method(cases, model_method(parts, FULL, run.seed), encoders, "full model", source, **kw)
     if baselines:
         results["baselines"]["copy_input"] = evaluate_method(cases, copy_input_method, encoders, "copy input",

@@ -343,6 +343,27 @@ def test_face_found_is_scored_per_angle_and_null_with_a_reason_without_a_detecto
     assert "face found (vs truth)" in md and "true views (ceiling)" in md and "0.250" in md and "0.500" in md
 
 
+def test_the_autoencoder_round_trip_is_the_truth_through_the_codec():
+    class Blur:
+        """A codec whose round trip is a 3x3 blur (a lossy autoencoder)."""
+        device = torch.device("cpu")
+
+        def encode(self, x):
+            return torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+        def decode(self, z):
+            return z
+
+    cases = [_fake_case(3, s) for s in range(2)]
+    out = E.round_trip_method(Blur())(cases[0])
+    assert out["rgb"].shape == cases[0].rgb.shape and out["normal"].shape == cases[0].normal.shape
+    torch.testing.assert_close(out["rgb"], Blur().encode(cases[0].rgb))
+    res = E.evaluate_method(cases, E.round_trip_method(Blur()), {}, progress=False)
+    assert 0 < res["l2"] and res["ssim"] < 0.99                         # lossy: below the truth's 0 and 1
+    md = E.results_table({"model": dict(_row(0.02, 0.8)), "autoencoder": dict(_row(0.01, 0.9))}, "test")
+    assert "through the autoencoder" in md
+
+
 def test_face_found_is_compared_with_the_truth_not_ranked():
     """More faces are not better by themselves (a copied input shows a face at the back of the head): the
     difference is reported with its interval but never counts as a win."""
