@@ -30,8 +30,8 @@ the right way, or the right head always from the front. Loss curves do not show 
    or zeroed (the same noise, cameras and identity). Against the true renders, the PSNR inside the face box of the
    decoded prediction, and of the given face pasted as it is (a verbatim copy). A model that ignores its input
    scores the same either way (``input_gain_db`` 0); one that copies scores about the copy; one that also moves the
-   face with the camera scores above it. A one-step prediction is a mean over every face that could be there, so it
-   is smooth by nature: this measures *use* of the input, not the sharpness of the samples.
+   face with the camera scores above it. A one-step prediction is a mean over every face that could be there: this
+   measures *use* of the input, not the sharpness of the samples (notebook 07 shows both predictions).
 
 Truth comes from rendering the heads' parameters at the exact cameras (``render.render_views``), so the checks do not
 depend on which rig views a dataset happens to hold. Images are ``(N, 3, H, W)`` in [0, 1].
