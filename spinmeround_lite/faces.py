@@ -313,6 +313,39 @@ def face_points_world() -> torch.Tensor:
     return (pts - pts.new_tensor([0.0, h.lift, 0.0])) * p.scale                       # head frame -> world
 
 
+FACE_MARGIN = 0.4          # face_region's box: the 5 keypoints' box widened by this times the eye distance
+FACE_MAX_ANGLE = 70.0      # views whose camera is more than this from the face's forward direction: no face
+
+
+def face_region(c2w: torch.Tensor, K: torch.Tensor, resolution: int, grid_res: int) -> torch.Tensor:
+    """Where the face is in each view: (V, grid_res, grid_res) bool on a grid over a ``resolution``-pixel render.
+
+    The mean procedural head's 5 face keypoints (``face_points_world``) are projected into each view (``c2w``
+    (V, 4, 4), ``K`` (V, 3, 3)); the grid cells whose centres fall inside their box, widened by ``FACE_MARGIN`` eye
+    distances, are True. A view that sees the face from more than ``FACE_MAX_ANGLE`` degrees off its forward
+    direction (+z) has none. ``grid_res = resolution``: pixels; the latent resolution: latent pixels.
+    """
+    from . import cameras
+
+    pts = face_points_world()                                               # (5, 3)
+    out = torch.zeros(c2w.shape[0], grid_res, grid_res, dtype=torch.bool)
+    centre = pts.mean(0)
+    scale = resolution / grid_res
+    grid = (torch.arange(grid_res, dtype=torch.float32) + 0.5) * scale - 0.5      # cell centres, in pixels
+    for v in range(c2w.shape[0]):
+        to_cam = c2w[v, :3, 3] - centre
+        if float(to_cam[2] / to_cam.norm().clamp_min(1e-8)) < math.cos(math.radians(FACE_MAX_ANGLE)):
+            continue
+        uv, _ = cameras.project(pts, cameras.w2c_from_c2w(c2w[v]), K[v])
+        uv = uv - 0.5
+        pad = FACE_MARGIN * float((uv[1] - uv[0]).norm())
+        lo, hi = uv.min(0).values - pad, uv.max(0).values + pad
+        inside_x = (grid >= lo[0]) & (grid <= hi[0])
+        inside_y = (grid >= lo[1]) & (grid <= hi[1])
+        out[v] = inside_y[:, None] & inside_x[None, :]
+    return out
+
+
 def face_box(resolution: int, margin: float = 0.6) -> tuple[int, int, int, int]:
     """``(top, bottom, left, right)`` pixel bounds of the face in a frontal render: the box of ``face_template``'s
     eyes, nose and mouth, widened by ``margin`` times the eye distance on every side (slices ``[top:bottom]``)."""

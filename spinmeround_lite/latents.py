@@ -196,7 +196,7 @@ class ImagePool:
     """
 
     def __init__(self, ds, max_identities: int | None = None, progress: bool = True):
-        from .train import face_weights
+        from .faces import face_region
 
         rgb, nrm, alpha, frontal, face = [], [], [], [], []
         n = len(ds) if max_identities is None else min(max_identities, len(ds))
@@ -208,7 +208,7 @@ class ImagePool:
             yaw = (d["yaw"].float() + 180) % 360 - 180
             frontal.append((yaw.abs() < FACE_YAW) & (d["pitch"].float().abs() < FACE_PITCH))
             R = d["rgb"].shape[-1]                    # the face of every view, wherever the camera put it
-            face.append(face_weights(d["c2w"].float(), d["K"].float(), R, R, 1.0)[:, 0] > 1)
+            face.append(face_region(d["c2w"].float(), d["K"].float(), R, R))
         self.rgb, self.normal_rgb, self.alpha = torch.cat(rgb), torch.cat(nrm), torch.cat(alpha)
         self.frontal = torch.cat(frontal)             # views that show the face (``face_box`` holds it)
         self.face = torch.cat(face)                   # (N, H, W) bool: the projected face box of each view
@@ -238,7 +238,7 @@ class ImagePool:
 
         ``face_region="frontal"``: ``faces.face_box`` of the views within ``FACE_YAW`` / ``FACE_PITCH`` degrees of
         frontal (the first reference autoencoder's recipe); ``"projected"``: the face box of every view that sees
-        the face, projected with its own camera (``train.face_weights``), so a face seen at 45 degrees counts too.
+        the face, projected with its own camera (``faces.face_region``), so a face seen at 45 degrees counts too.
         """
         from .faces import face_box
 

@@ -129,45 +129,19 @@ def frontal_view(yaw: torch.Tensor, pitch: torch.Tensor) -> int:
     return int(torch.argmin(yaw**2 + torch.as_tensor(pitch, dtype=torch.float32) ** 2))
 
 
-FACE_MARGIN = 0.4          # face_weights' box: the 5 keypoints' box widened by this times the eye distance
-FACE_MAX_ANGLE = 70.0      # views whose camera is more than this from the face's forward direction: no face weight
-
-
 def face_weights(c2w: torch.Tensor, K: torch.Tensor, resolution: int, latent_res: int, strength: float
                  ) -> torch.Tensor:
-    """Loss weights (V, 1, h, w) that make the face of each view count ``1 + strength`` times.
-
-    The mean procedural head's 5 face keypoints (``faces.face_points_world``) are projected into each view
-    (``c2w`` (V, 4, 4), ``K`` (V, 3, 3), pixels of a ``resolution`` render); the latent pixels whose centres fall
-    inside their box, widened by ``FACE_MARGIN`` eye distances, weigh ``1 + strength``, every other one 1. A view
-    that sees the face from more than ``FACE_MAX_ANGLE`` degrees off its forward direction (+z) gets none.
+    """Loss weights (V, 1, h, w) that make the face of each view count ``1 + strength`` times: 1 everywhere, plus
+    ``strength`` on ``faces.face_region`` of each view (its projected face box) at latent resolution.
     The face is a small part of each image and of a random rig (the eyes are 2-3 pixels at 64 px, the back half
     of the views has no face), so with the paper's uniform loss it earns a few per cent of the gradient.
     """
-    from . import cameras
-    from .faces import face_points_world
+    from .faces import face_region
 
-    pts = face_points_world()                                               # (5, 3)
-    V = c2w.shape[0]
-    w = torch.ones(V, 1, latent_res, latent_res)
+    w = torch.ones(c2w.shape[0], 1, latent_res, latent_res)
     if strength <= 0:
         return w
-    centre = pts.mean(0)
-    scale = resolution / latent_res
-    grid = (torch.arange(latent_res, dtype=torch.float32) + 0.5) * scale - 0.5    # latent pixel centres, in pixels
-    for v in range(V):
-        to_cam = c2w[v, :3, 3] - centre
-        cos = float(to_cam[2] / to_cam.norm().clamp_min(1e-8))
-        if cos < math.cos(math.radians(FACE_MAX_ANGLE)):
-            continue
-        uv, _ = cameras.project(pts, cameras.w2c_from_c2w(c2w[v]), K[v])
-        uv = uv - 0.5
-        pad = FACE_MARGIN * float((uv[1] - uv[0]).norm())
-        lo, hi = uv.min(0).values - pad, uv.max(0).values + pad
-        inside_x = (grid >= lo[0]) & (grid <= hi[0])
-        inside_y = (grid >= lo[1]) & (grid <= hi[1])
-        w[v, 0] += strength * (inside_y[:, None] & inside_x[None, :]).float()
-    return w
+    return w + strength * face_region(c2w, K, resolution, latent_res)[:, None].float()
 
 
 def spread_views(yaw: torch.Tensor, start: int, n: int) -> list[int]:
