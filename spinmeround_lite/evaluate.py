@@ -860,8 +860,10 @@ def round_trip_method(codec):
     """The true views encoded and decoded by the autoencoder: the best any latent model can draw with it. Its
     ``face_found`` against the truth's says how many faces the autoencoder itself loses at each angle."""
     def method(case: EvalCase) -> dict:
+        from .render import normal_to_rgb
+
         dev = codec.device
-        nrm_img = torch.where(case.alpha > 0.5, (case.normal + 1) / 2, torch.ones_like(case.normal))  # as rendered
+        nrm_img = normal_to_rgb(case.normal.permute(0, 2, 3, 1), case.alpha[:, 0]).permute(0, 3, 1, 2)  # as rendered
         with torch.no_grad():
             rgb = codec.decode(codec.encode(case.rgb.to(dev))).float().cpu().clamp(0, 1)
             nrm = codec.decode(codec.encode(nrm_img.to(dev))).float().cpu().clamp(0, 1)
