@@ -234,6 +234,27 @@ def test_results_table_and_ordering():
     assert "mean_head" in rep["note"] and rep["ablations"]["no_normals"]["l2"] is None
 
 
+def test_ordering_note_speaks_of_baselines_and_ablations_apart():
+    """Baselines beaten and an ablation not: the note says both, and blames no baseline."""
+    rng = np.random.default_rng(0)
+
+    def row(l2, ssim, source="x"):
+        r = _row(l2, ssim, source)
+        r["table"] = {"l2": (l2 + 0.001 * rng.standard_normal((6, 4))).tolist(),
+                      "ssim": (ssim + 0.001 * rng.standard_normal((6, 4))).tolist()}
+        return r
+
+    res = {"model": row(0.01, 0.8, "reference, 20000 steps"),
+           "baselines": {"copy_input": row(0.05, 0.5), "mean_head": row(0.04, 0.55)},
+           "ablations": {"full_same_budget": row(0.03, 0.6, "reference, 14000 steps"),
+                         "no_identity": row(0.04, 0.5), "no_normals": row(0.02, 0.7)}}
+    rep = E.ordering_report(res)
+    assert rep["baselines_ok"] and not rep["ablations_ok"] and not rep["all_ok"]
+    assert rep["note"].startswith("The full model beats every baseline on l2 and ssim (95% paired bootstrap")
+    assert "does not beat ablation 'no_normals' on l2" in rep["note"] and "no_identity" not in rep["note"]
+    assert "baseline '" not in rep["note"]
+
+
 def test_plot_per_angle_draws_every_method():
     import matplotlib
     matplotlib.use("Agg")
