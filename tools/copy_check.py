@@ -16,6 +16,10 @@ that copies at about the copy figure, one that moves the face with the camera ab
 prediction, a mean over what the face could be, so it is smooth by nature: this checks *use*, not sharpness.
 The run folder is a training run (its data, autoencoder and identity embeddings); the held-out heads are never
 trained on.
+
+The course's own version is ``checks.input_use`` (notebook 07, section 9): one level (pure noise), rendered truth at
+chosen angles, with a picture. This tool is the campaign's wider look at the same question: the dataset's views,
+seven noise levels and the identity embedding taken away, for comparing checkpoints.
 """
 
 import argparse
