@@ -13,7 +13,7 @@ How to read it. At low noise the target's own latent holds its face, so the give
 model does (and a verbatim copy is no better: the face has moved a pixel or two). At pure noise (sigma 40) only
 the given view and what the model learned are left: a model that ignores its input sits at the zeroed figure, one
 that copies at about the copy figure, one that moves the face with the camera above it. The result is a one-step
-prediction, a mean over what the face could be, so it is smooth by nature: this checks *use*, not sharpness.
+prediction, a mean over what the face could be: this checks *use*, not sharpness.
 The run folder is a training run (its data, autoencoder and identity embeddings); the held-out heads are never
 trained on.
 
