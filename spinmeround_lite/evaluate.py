@@ -979,7 +979,8 @@ def write_results(run: Run, results: dict, note: str = "") -> dict:
         if note and not ordering.get("ablations_ok", True):
             same = (results.get("ablations") or {}).get("full_same_budget") or model
             note += (f" The ablations and the full model they are compared with: {same.get('source', '?')} each, "
-                     f"{heads}; the paper's ordering is a claim about models trained to convergence.")
+                     f"{heads}; the ordering is measured at this budget only (the paper's models start from large "
+                     "pretrained networks).")
     table = results_table(results, run.profile.name, note)
     md = run.path("results_table.md")
     with atomic_path(md) as tmp:
