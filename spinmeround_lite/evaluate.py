@@ -735,10 +735,9 @@ def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
     rep: dict = {"baselines": {}, "ablations": {}}
     fails: dict = {"baselines": [], "ablations": []}
     means_only: dict = {"baselines": False, "ablations": False}
-    same_budget = "full_same_budget" in abl
-    for group, ref, ref_name in (("baselines", model, "the full model"),
-                                 ("ablations", abl.get("full_same_budget", model),
-                                  "the full model (ablation budget)" if same_budget else "the full model")):
+    who = {"baselines": "the full model",
+           "ablations": "the full model (ablation budget)" if "full_same_budget" in abl else "the full model"}
+    for group, ref in (("baselines", model), ("ablations", abl.get("full_same_budget", model))):
         for name, row in (results.get(group) or {}).items():
             if name == "full_same_budget":
                 continue
@@ -759,18 +758,17 @@ def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
                     means_only[group] = True
                 rep[group][name][m] = bool(better)
                 if not better:
-                    fails[group].append(f"{ref_name} does not beat {group[:-1]} '{name}' on {m} ({why})")
+                    fails[group].append(f"{who[group]} does not beat {group[:-1]} '{name}' on {m} ({why})")
     rep["all_ok"] = not (fails["baselines"] or fails["ablations"])
     on = " and ".join(metrics_)
     sentences = []
-    for group, who in (("baselines", "the full model"),
-                       ("ablations", "the full model (ablation budget)" if same_budget else "the full model")):
+    for group in ("baselines", "ablations"):
         rep[f"{group}_ok"] = not fails[group]
         if not rep[group]:
             continue
         how = (" (means; no intervals with fewer than 2 identities)" if means_only[group] else
                " (95% paired bootstrap intervals over identities exclude 0)")
-        text = "; ".join(fails[group]) if fails[group] else f"{who} beats every {group[:-1]} on {on}{how}"
+        text = "; ".join(fails[group]) if fails[group] else f"{who[group]} beats every {group[:-1]} on {on}{how}"
         sentences.append(text[0].upper() + text[1:] + ".")
     rep["note"] = " ".join(sentences) if sentences else "Nothing to compare."
     rep["stats"] = stats
@@ -871,9 +869,9 @@ def truth_method(case: EvalCase) -> dict:
 def round_trip_method(codec):
     """The true views encoded and decoded by the autoencoder: the best any latent model can draw with it. Its
     ``face_found`` against the truth's says how many faces the autoencoder itself loses at each angle."""
-    def method(case: EvalCase) -> dict:
-        from .render import normal_to_rgb
+    from .render import normal_to_rgb
 
+    def method(case: EvalCase) -> dict:
         dev = codec.device
         nrm_img = normal_to_rgb(case.normal.permute(0, 2, 3, 1), case.alpha[:, 0]).permute(0, 3, 1, 2)  # as rendered
         with torch.no_grad():
@@ -968,10 +966,10 @@ def write_results(run: Run, results: dict, note: str = "") -> dict:
 
     if not note:
         model = results.get("model") or {}
-        note = results.get("ordering", {}).get("note", "")
         ordering = results.get("ordering", {})
-        heads = (f"{results.get('protocol', {}).get('n_identities', '?')} identities x "
-                 f"{results.get('protocol', {}).get('n_angles', '?')} angles")
+        note = ordering.get("note", "")
+        protocol = results.get("protocol", {})
+        heads = f"{protocol.get('n_identities', '?')} identities x {protocol.get('n_angles', '?')} angles"
         if note and not ordering.get("baselines_ok", True):
             note += (f" The model here: {model.get('source', '?')} at the `{run.profile.name}` profile, {heads}; "
                      "a model trained this little (or measured on this few heads) is not expected to beat the "
