@@ -99,16 +99,22 @@ def load_image(src, name: str | None = None) -> torch.Tensor:
             raise ImageError(f"{path} is a folder; give the path of one image file")
         try:
             with Image.open(path) as im:
+                _shrink_on_load(im)
                 im.load()
-                im = im.copy()
+                im = as_displayed(im, str(path))
         except UnidentifiedImageError:
+            kind = _container_kind(path)
+            if kind:
+                raise ImageError(f"{path} is a {kind} file, which PIL cannot read without a plugin: convert it to "
+                                 "JPEG or PNG (phones: the camera's 'Most compatible' format), or "
+                                 "`pip install pillow-heif`") from None
             raise ImageError(f"{path} is not an image file this package can read (PIL does not recognise it); "
                              "give a PNG or JPEG") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"{path} is corrupt or truncated ({e}); re-export or re-download it") from None
         return _from_pil(im, str(path))
     if isinstance(src, Image.Image):
-        return _from_pil(src, name or "the PIL image")
+        return _from_pil(as_displayed(src, name or "the PIL image"), name or "the PIL image")
     if isinstance(src, torch.Tensor):
         t = src.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
@@ -120,6 +126,85 @@ def load_image(src, name: str | None = None) -> torch.Tensor:
         return _from_array(src, name or "the array")
     raise ImageError(f"cannot read an image from a {type(src).__name__}: pass a file path, a PIL image, "
                      "a numpy array (H, W[, C]) or a tensor (C, H, W)")
+
+
+MAX_PHOTO_SIDE = 4096    # longer photos are shrunk to this side while decoding (a 48 MP photo holds ~0.6 GB as floats)
+
+
+def _shrink_on_load(im) -> None:
+    """Let a JPEG decode at a reduced scale (DCT scaling, exact to a power of two) when it is far above
+    ``MAX_PHOTO_SIDE``; other formats are resized after orientation in ``as_displayed``."""
+    if im.format == "JPEG" and max(im.size) > 2 * MAX_PHOTO_SIDE:
+        scale = max(im.size) / MAX_PHOTO_SIDE
+        im.draft(im.mode, (round(im.size[0] / scale), round(im.size[1] / scale)))
+
+
+def _container_kind(path: Path) -> str:
+    """'HEIC/HEIF' or 'AVIF' when the file is an ISO media container of that brand (what phones store), else ''."""
+    try:
+        head = path.read_bytes()[:16] if path.stat().st_size < 1 << 30 else b""
+    except OSError:
+        return ""
+    if head[4:8] != b"ftyp":
+        return ""
+    brand = head[8:12]
+    if brand in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1", b"heim", b"heis"):
+        return "HEIC/HEIF"
+    return "AVIF" if brand in (b"avif", b"avis") else ""
+
+
+def as_displayed(im, name: str = "the image"):
+    """A PIL image as every image viewer shows it: the recorded orientation applied, colours in sRGB, the first
+    frame, at most ``MAX_PHOTO_SIDE`` pixels long.
+
+    Cameras and phones store a photo in the sensor's orientation and record the turn in its EXIF ``Orientation``
+    tag (values 2-8: rotations and mirrorings); a face stored sideways is not found by a detector, so the tag is
+    applied first and then dropped. A photo with an embedded colour profile (Display P3 on phones, Adobe RGB on
+    cameras) is converted to sRGB, the space the course's images and models live in. Multi-picture files (MPO from
+    some cameras, animated GIFs) give their first frame.
+    """
+    from PIL import Image, ImageOps
+
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    try:
+        out = ImageOps.exif_transpose(im)
+    except (ValueError, OSError, SyntaxError, TypeError) as e:          # an unreadable EXIF block: keep the pixels
+        warnings.warn(f"{name}: its EXIF data cannot be read ({e}); using the pixels as stored", stacklevel=2)
+        out = im.copy()
+    out = out if out is not im else im.copy()
+    icc = out.info.get("icc_profile")
+    if icc and out.mode in ("RGB", "RGBA", "CMYK"):
+        out = _to_srgb(out, icc, name)
+    if max(out.size) > MAX_PHOTO_SIDE:
+        f = MAX_PHOTO_SIDE / max(out.size)
+        out = out.resize((max(1, round(out.size[0] * f)), max(1, round(out.size[1] * f))), Image.Resampling.LANCZOS)
+    return out
+
+
+def _to_srgb(im, icc: bytes, name: str):
+    """Convert ``im`` from its embedded ICC profile to sRGB (alpha kept); unchanged when the profile is sRGB
+    already or cannot be read."""
+    import io
+
+    try:
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        desc = (ImageCms.getProfileDescription(src) or "").strip()
+        if "srgb" in desc.lower().replace(" ", ""):
+            return im
+        alpha = im.getchannel("A") if im.mode == "RGBA" else None
+        base = im.convert("RGB") if im.mode == "RGBA" else im
+        out = ImageCms.profileToProfile(base, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except Exception as e:   # noqa: BLE001 -- a broken profile must not stop a spin: say so, keep the pixels
+        warnings.warn(f"{name}: its colour profile cannot be applied ({e}); reading its values as sRGB",
+                      stacklevel=3)
+        return im
+    if alpha is not None:
+        out.putalpha(alpha)
+    out.info.pop("icc_profile", None)
+    return out
 
 
 def _from_pil(im, name: str) -> torch.Tensor:

@@ -237,3 +237,115 @@ def test_face_box_holds_the_template_keypoints_and_scales_with_the_image():
         assert (pts[:, 1] >= top).all() and (pts[:, 1] < bottom).all()
         assert 0.25 * res < right - left < 0.75 * res          # a face, not the whole image
     assert face_box(64, margin=0.0)[1] - face_box(64, margin=0.0)[0] < face_box(64)[1] - face_box(64)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# photos as cameras and phones store them
+# ----------------------------------------------------------------------------------------------
+# EXIF Orientation value -> the transpose that stores an upright picture so that a viewer applying the tag shows it
+# upright again (the tag says how to turn the stored pixels for display)
+STORED_AS = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270,
+             2: Image.Transpose.FLIP_LEFT_RIGHT, 5: Image.Transpose.TRANSPOSE}
+
+
+def _camera_file(path, upright: Image.Image, orientation: int, **save) -> None:
+    """``upright`` stored as a camera would: pixels turned, the turn recorded in the EXIF Orientation tag."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright.transpose(STORED_AS[orientation]).save(path, exif=exif, **save)
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3, 5])
+def test_photo_stored_sideways_is_read_upright(tmp_path, orientation):
+    upright = Image.open(grace_hopper_path()).convert("RGB")
+    lossless = tmp_path / "upright.png"
+    upright.save(lossless)
+    path = tmp_path / f"sideways_{orientation}.png"
+    _camera_file(path, upright, orientation)
+    with Image.open(path) as stored:                          # the pixels really are stored turned
+        assert stored.getexif()[0x0112] == orientation
+        assert stored.size == (upright.size[::-1] if orientation in (5, 6, 8) else upright.size)
+    torch.testing.assert_close(load_image(path), load_image(lossless), atol=0, rtol=0)
+
+
+def test_face_found_in_a_sideways_camera_jpeg(tmp_path):
+    """A real photo stored sideways with its orientation tag (as a phone held upright stores it): found and aligned
+    like the upright one. The stored pixels alone, as a reader ignoring the tag sees them, hold no face dlib finds."""
+    upright = Image.open(grace_hopper_path()).convert("RGB")
+    path = tmp_path / "phone.jpg"
+    _camera_file(path, upright, 6, quality=95)
+    stored = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+    with pytest.raises(FaceError, match="no face"):
+        faces.find_face(stored, "the stored pixels")
+    face = faces.find_face(load_image(path), str(path))
+    assert face.found == 1
+    assert np.abs(face.box - np.array(MEASURED["grace_hopper"]["box"])).max() <= TOL_PX + 2   # JPEG re-encoded
+    details = {}
+    img, how = prepare_input(str(path), 64, details=details)
+    assert how == "aligned" and details["faces_found"] == 1
+    want, _ = prepare_input(grace_hopper_path(), 64)
+    assert (img - want).abs().mean() < 0.03                  # the same aligned crop as from the upright file
+
+
+def test_camera_file_variants(tmp_path):
+    """An sRGB profile leaves the pixels as they are; CMYK JPEGs read; a HEIC file is named with what to do."""
+    from PIL import ImageCms
+
+    upright = Image.open(grace_hopper_path()).convert("RGB")
+    tagged = tmp_path / "tagged_srgb.png"
+    upright.save(tagged, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    torch.testing.assert_close(load_image(tagged), load_image(upright), atol=1 / 255, rtol=0)
+    cmyk = tmp_path / "cmyk.jpg"
+    upright.convert("CMYK").save(cmyk, quality=95)
+    assert (load_image(cmyk) - load_image(upright)).abs().mean() < 0.05
+    heic = tmp_path / "IMG_0001.HEIC"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    with pytest.raises(spin_module.ImageError, match="HEIC.*JPEG"):
+        load_image(heic)
+
+
+def _linear_rgb_icc() -> bytes:
+    """A minimal ICC v2 display profile: sRGB's primaries (D50-adapted), white D50, gamma 1.0 (linear light)."""
+    import struct
+
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    text = b"linear-light RGB\0"
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(text)) + text + b"\0" * 4 + b"\0" * 4 + b"\0" * 3 + b"\0" * 67
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, 256) + b"\0\0"                      # gamma 1.0 (u8Fixed8)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+            (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12
+              + b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_colour_profile_is_applied(tmp_path):
+    """A photo stored in another RGB space (here linear light, as a camera's raw export may be) with its profile
+    embedded reads as its sRGB conversion, not as its raw numbers."""
+    import io
+
+    from PIL import ImageCms
+
+    upright = Image.open(grace_hopper_path()).convert("RGB").resize((120, 100))
+    icc = _linear_rgb_icc()
+    linear = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    stored = ImageCms.profileToProfile(upright, ImageCms.createProfile("sRGB"), linear, outputMode="RGB")
+    path = tmp_path / "linear.png"
+    stored.save(path, icc_profile=icc)
+    read, want = load_image(path), load_image(upright)
+    raw = torch.from_numpy(np.asarray(stored).copy()).permute(2, 0, 1).float() / 255
+    err, raw_err = (read - want).abs().mean().item(), (raw - want).abs().mean().item()
+    assert err < 0.02 < raw_err, (err, raw_err)     # 8-bit linear storage loses the darkest shades: not exact
