@@ -3,12 +3,12 @@ PROFILE ?= cpu
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: course solutions test lint lab clean-notebooks bench help
+.PHONY: course solutions test test-portability lint lab clean-notebooks bench help
 
 help:
 	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
 	@echo "make solutions [PROFILE=...]               run the worked solutions in the same run folder"
-	@echo "make test                                  unit tests + every notebook at the test profile"
+	@echo "make test                                  unit tests (+ the float-path guard) + every notebook at the test profile"
 	@echo "make lab                                   JupyterLab on the notebooks"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -29,7 +29,24 @@ solutions: $(STAMP)
 # folder (the solutions reuse the notebooks' artifacts), then the figures check.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	$(MAKE) --no-print-directory test-portability
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks solutions
+
+# The portability guard: the tests marked `floats` (they compare floats against a measured bound, or train) run
+# again on one thread and on torch's scalar kernels (ATEN_CPU_CAPABILITY=default: another float path on the same
+# CPU, as another machine's kernels would be), the two at once, one core each. A test that passes on one path and
+# fails on another is fragile: its bound was read off one machine.
+test-portability: $(STAMP)
+	@d=$$(mktemp -d); \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats tests \
+	    > $$d/one-thread.log 2>&1 & a=$$!; \
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats \
+	    tests > $$d/scalar-kernels.log 2>&1 & b=$$!; \
+	ra=0; wait $$a || ra=$$?; rb=0; wait $$b || rb=$$?; \
+	for f in one-thread scalar-kernels; do echo "portability guard, $$f: $$(tail -n 1 $$d/$$f.log)"; done; \
+	if [ $$ra -ne 0 ]; then cat $$d/one-thread.log; fi; \
+	if [ $$rb -ne 0 ]; then cat $$d/scalar-kernels.log; fi; \
+	rm -rf $$d; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
 
 lint: $(STAMP)
 	.venv/bin/ruff check .

@@ -22,6 +22,8 @@ from spinmeround_lite.spinning import spin_yaws
 P = get_profile("test").replace(cfg_scale=1.0)   # no guidance: the stand-ins ignore the identity
 RES = P.resolution
 
+pytestmark = pytest.mark.floats        # rerun under other float paths by `make test` (portability guard)
+
 
 class PoolCodec:
     """Images <-> 'latents' by average pooling (3 channels + 1 zero): decode(encode(x)) is x blurred."""
@@ -144,10 +146,16 @@ def test_spread_yaws_and_jittered_cameras():
 # ----------------------------------------------------------------------------------------------
 # end to end: a tiny model trained briefly on two heads must follow its cameras
 # ----------------------------------------------------------------------------------------------
-def denoised_pose_accuracy(model, data, name: str, sigma: float = 5.0, seed: int = 0) -> float:
+def denoised_pose_scores(model, data, name: str, sigma: float = 5.0, seed: int = 0, cameras: str = "true"):
     """For each of 8 views spread around one training head: view 0 given, the view's ray map, its latents under
-    noise ``sigma`` (high: its own content barely shows) -> one denoiser call; is the predicted normal latent
-    nearest to that view's true one (among the 8)? A camera-blind model predicts one average: about 1/8."""
+    noise ``sigma`` (high: its own content barely shows) -> one denoiser call, and the predicted normal latent's
+    squared distance to each of the 8 true ones. Returns ``(hit, rank)``: the share of targets whose own view is
+    the nearest (chance 1/8), and the share of (target, other view) pairs where the target's own view is nearer
+    than the other (chance 1/2; finer than ``hit``: 49 pairs per head and seed instead of 7 targets).
+
+    ``cameras`` makes broken stand-ins of the same model: ``"given"`` passes the given view's ray map for every
+    target (camera-blind), ``"mirrored"`` the ray map of the view on the other side (yaw with the wrong sign).
+    """
     from spinmeround_lite.train import frontal_view, spread_views
 
     ds = data.train
@@ -158,23 +166,36 @@ def denoised_pose_accuracy(model, data, name: str, sigma: float = 5.0, seed: int
     rays = data.rays(ds, i, idx)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0[1].shape, generator=g)
-    hits = 0
+    hits, ranks = 0, []
     with torch.no_grad():
         for v in range(1, 8):
-            order = [0, v]                                               # given view + target v, same noise each time
-            x = torch.stack([x0[0], x0[v] + sigma * noise])[None]
+            ray_of = {"true": v, "given": 0, "mirrored": (8 - v) % 8}[cameras]
+            x = torch.stack([x0[0], x0[v] + sigma * noise])[None]       # given view + target v, same noise each time
             cond = torch.stack([x0[0], torch.zeros_like(x0[0])])[None]
             mask = torch.tensor([[True, False]])
-            D = model.denoise(x, torch.tensor([sigma]), cond, mask, rays[order][None],
+            D = model.denoise(x, torch.tensor([sigma]), cond, mask, rays[[0, ray_of]][None],
                               data.id_emb[name][None])[0, 1]
             d = ((x0[:, 4:] - D[4:]) ** 2).flatten(1).mean(1)
             hits += int(d.argmin()) == v
-    return hits / 7
+            ranks.append(float((d[v] < torch.cat([d[:v], d[v + 1:]])).float().mean()))
+    return hits / 7, float(np.mean(ranks))
+
+
+def pose_scores(model, data, heads, seeds=range(8), cameras: str = "true") -> tuple[float, float]:
+    """``denoised_pose_scores`` averaged over heads and noise seeds: (hit, rank)."""
+    r = np.array([denoised_pose_scores(model, data, h, seed=s, cameras=cameras) for h in heads for s in seeds])
+    return float(r[:, 0].mean()), float(r[:, 1].mean())
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_briefly_trained_model_follows_its_cameras(tmp_path):
-    """900 steps on two heads at the test size: the denoised normals must follow the target's ray map."""
+    """900 steps on two heads at the test size: the denoised normals must follow the target's ray map.
+
+    Measured (rank score, 2 heads x 8 noise seeds; run seeds 0-4 on two CPUs, and seed 0 with
+    ATEN_CPU_CAPABILITY=default and with one thread): see the numbers in the asserts' comments. The bound sits
+    near the middle between the trained model and its broken stand-ins: the same trained weights given the
+    frontal view's ray map for every target (camera-blind) or the opposite view's (yaw with the wrong sign).
+    """
     from spinmeround_lite.model import SpinModel
     from spinmeround_lite.runs import Run
     from spinmeround_lite.train import TrainData, train
@@ -184,12 +205,15 @@ def test_a_briefly_trained_model_follows_its_cameras(tmp_path):
     run = Run.open("test", str(tmp_path / "run"), seed=0, device="cpu")
     data = TrainData(run, progress=False)
     heads = data.train.ids[:2]
-    untrained = SpinModel.from_profile(run.profile).eval()
-    blind = denoised_pose_accuracy(untrained, data, heads[0])
+    _, untrained = pose_scores(SpinModel.from_profile(run.profile).eval(), data, heads)
     run.profile = run.profile.replace(checkpoint_every=1000, lr=1e-3)
     train(run, steps=900, out=tmp_path / "m", grids=False, identities=heads, progress=False)
     model = SpinModel.load(tmp_path / "m", run.profile).eval()
-    acc = np.mean([denoised_pose_accuracy(model, data, h, seed=s) for h in heads for s in range(4)])
-    print(f"denoised pose accuracy {acc:.3f} (untrained {blind:.3f})")
-    assert blind <= 3 / 7, blind                       # an untrained model: about chance (1/8)
-    assert acc >= 0.4 and acc >= blind + 0.15, (acc, blind)  # chance 1/8; measured 0.48 vs 0.29 untrained
+    hit, rank = pose_scores(model, data, heads)
+    _, blind = pose_scores(model, data, heads, cameras="given")
+    _, mirrored = pose_scores(model, data, heads, cameras="mirrored")
+    print(f"denoised pose: rank {rank:.3f} (hit {hit:.3f}); untrained {untrained:.3f}, camera-blind {blind:.3f}, "
+          f"mirrored {mirrored:.3f}")
+    assert untrained <= RANK_UNTRAINED_MAX, untrained
+    assert rank >= RANK_TRAINED_MIN, (rank, hit)
+    assert blind <= RANK_BROKEN_MAX and mirrored <= RANK_BROKEN_MAX, (blind, mirrored)

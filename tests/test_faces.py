@@ -63,6 +63,7 @@ def test_models_ship_inside_the_packages():
     assert faces.dlib_available()
 
 
+@pytest.mark.floats
 @pytest.mark.parametrize("name", ["grace_hopper", "astronaut"])
 def test_one_face_and_its_landmarks_in_each_shipped_photo(photos, name):
     face = faces.find_face(photos[name], name)
@@ -268,6 +269,7 @@ def test_photo_stored_sideways_is_read_upright(tmp_path, orientation):
     torch.testing.assert_close(load_image(path), load_image(lossless), atol=0, rtol=0)
 
 
+@pytest.mark.floats
 def test_face_found_in_a_sideways_camera_jpeg(tmp_path):
     """A real photo stored sideways with its orientation tag (as a phone held upright stores it): found and aligned
     like the upright one. The stored pixels alone, as a reader ignoring the tag sees them, hold no face dlib finds."""

@@ -214,6 +214,7 @@ def test_missing_model_files_name_where_they_go(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # held-out verification of a tiny trained encoder (real renders, about 15 s)
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.floats
 def test_learned_encoder_verifies_heldout_identities():
     from spinmeround_lite import heads, render
 

@@ -190,6 +190,7 @@ class _Pool:
         return self.x[:n], torch.ones(n, 1, *self.x.shape[-2:])
 
 
+@pytest.mark.floats
 def test_finetuning_the_decoder_keeps_the_latents_and_lowers_its_loss():
     from spinmeround_lite.latents import decoder_loss, finetune_decoder, vae_fingerprint
 

@@ -14,6 +14,8 @@ import torch
 from spinmeround_lite import metrics
 from spinmeround_lite.evaluate import paired_bootstrap
 
+pytestmark = pytest.mark.floats        # rerun under other float paths by `make test` (portability guard)
+
 
 def _pairs(n=4, res=40, seed=0):
     g = torch.Generator().manual_seed(seed)

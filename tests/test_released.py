@@ -18,6 +18,8 @@ from spinmeround_lite import released as R
 
 FIXTURE = Path(__file__).parent / "fixtures" / "released_tiny.safetensors"
 
+pytestmark = pytest.mark.floats        # rerun under other float paths by `make test` (portability guard)
+
 
 class Opaque:
     """An object a weights-only load must refuse (Lightning checkpoints hold such hyper-parameters)."""
