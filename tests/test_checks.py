@@ -146,6 +146,12 @@ def test_spread_yaws_and_jittered_cameras():
 # ----------------------------------------------------------------------------------------------
 # end to end: a tiny model trained briefly on two heads must follow its cameras
 # ----------------------------------------------------------------------------------------------
+# the rank score's bounds (``pose_scores``): measured distributions in the comment of the test below
+RANK_UNTRAINED_MAX = 0.6     # an untrained model: about chance (1/2)
+RANK_TRAINED_MIN = 0.7       # 900 steps on two heads
+RANK_BROKEN_MAX = 0.6        # the trained weights given the wrong cameras
+
+
 def denoised_pose_scores(model, data, name: str, sigma: float = 5.0, seed: int = 0, cameras: str = "true"):
     """For each of 8 views spread around one training head: view 0 given, the view's ray map, its latents under
     noise ``sigma`` (high: its own content barely shows) -> one denoiser call, and the predicted normal latent's
