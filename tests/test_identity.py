@@ -212,10 +212,19 @@ def test_missing_model_files_name_where_they_go(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# held-out verification of a tiny trained encoder (real renders, about 15 s)
+# held-out verification of a tiny trained encoder (real renders, about 10 s)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.floats
 def test_learned_encoder_verifies_heldout_identities():
+    """200 steps on 8 identities; verification on 4 others (20 renders).
+
+    Measured with this code over 6 draws (identities 500-511 with seed 0, as here, and 5 other sets of 12
+    identities with seeds 1-5), native kernels and ATEN_CPU_CAPABILITY=default alike: the same-minus-different
+    cosine gap is 0.67 +- 0.17 (min 0.44) trained, 0.10 +- 0.06 (max 0.19) untrained, the gap minus the untrained
+    gap at least 0.31; the verification AUC is 0.935 .. 1.00 trained but also 0.84 .. 0.98 untrained (random
+    convolutions already tell rendered heads apart), so the AUC is a sanity check and the gap is the test; last-5
+    over first-5 loss 0.005 .. 0.046. (At the former 40 steps the gap fell to 0.31 and the AUC to 0.84 on a draw.)
+    """
     from spinmeround_lite import heads, render
 
     yaw, pitch = torch.tensor([-24.0, -12.0, 0.0, 12.0, 24.0]), torch.tensor([-10.0, 5.0, 0.0, -5.0, 10.0])
@@ -226,17 +235,18 @@ def test_learned_encoder_verifies_heldout_identities():
         labels.append(torch.full((5,), k))
     x, y = torch.cat(images), torch.cat(labels)
     train = y < 8
-    cfg = I.EncoderConfig(width=8, input_res=16, steps=40, batch=32, seed=0)
+    cfg = I.EncoderConfig(width=8, input_res=16, steps=200, batch=32, seed=0)
     enc, log = I.train_encoder(x[train], y[train], cfg, progress=False)
     untrained, _ = I.train_encoder(x[train], y[train], I.EncoderConfig(width=8, input_res=16, steps=0, seed=0),
                                    progress=False)
-    assert sum(log["loss"][-5:]) < sum(log["loss"][:5])
+    assert sum(log["loss"][-5:]) < 0.25 * sum(log["loss"][:5])
     v = I.verification(enc.embed(x[~train]), y[~train])
     v0 = I.verification(untrained.embed(x[~train]), y[~train])
-    assert v["verification_auc"] > 0.9                         # chance is 0.5
+    assert v["verification_auc"] > 0.9                         # chance is 0.5; a sanity check (see above)
     # training pulls identities apart: the same/different gap on unseen identities widens clearly
     gap, gap0 = v["same_id_cos"] - v["diff_id_cos"], v0["same_id_cos"] - v0["diff_id_cos"]
-    assert gap > gap0 + 0.15, (v, v0)
+    assert gap > 0.3 and gap > gap0 + 0.2, (v, v0)
+    assert gap0 < 0.3                                          # the untrained stand-in fails the same bound
 
 
 def test_ensure_encoder_trains_once_then_reuses(tmp_path):

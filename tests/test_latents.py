@@ -201,9 +201,11 @@ def test_finetuning_the_decoder_keeps_the_latents_and_lowers_its_loss():
     enc = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder", "post_quant_conv"))}
     dec = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith("decoder")}
     start = decoder_loss(vae, x)[0].item()
-    history = finetune_decoder(vae, _Pool(x), steps=30, batch=4, lr=3e-3, progress=False)
-    assert len(history) == 30
-    assert decoder_loss(vae, x)[0].item() < 0.8 * start              # it learns the images it is shown
+    history = finetune_decoder(vae, _Pool(x), steps=60, batch=4, lr=3e-3, progress=False)
+    assert len(history) == 60
+    # it learns the images it is shown: loss after / before 0.48 +- 0.06 (0.38 .. 0.55) over tiny_vae and image
+    # seeds 0-5, native kernels and ATEN_CPU_CAPABILITY=default alike; an untrained decoder stays at 1
+    assert decoder_loss(vae, x)[0].item() < 0.75 * start
     after = vae.state_dict()
     assert all(torch.equal(after[k], v) for k, v in enc.items())     # encoder and quant_conv untouched
     assert any(not torch.equal(after[k], v) for k, v in dec.items())
