@@ -148,7 +148,7 @@ def test_spread_yaws_and_jittered_cameras():
 # ----------------------------------------------------------------------------------------------
 # the rank score's bounds (``pose_scores``, chance 1/2): measured distributions in the test's docstring below
 RANK_UNTRAINED_MAX = 0.6     # an untrained model
-RANK_TRAINED_MIN = 0.7       # 900 steps on two heads; the same weights given the wrong cameras stay below it
+RANK_TRAINED_MIN = 0.67      # 900 steps on two heads; the same weights given the wrong cameras stay below it
 
 
 def denoised_pose_scores(model, data, name: str, sigma: float = 5.0, seed: int = 0, cameras: str = "true"):
@@ -196,13 +196,13 @@ def pose_scores(model, data, heads, seeds=range(8), cameras: str = "true") -> tu
 def test_a_briefly_trained_model_follows_its_cameras(tmp_path):
     """900 steps on two heads at the test size: the denoised normals must follow the target's ray map.
 
-    Rank score (2 heads x 8 noise seeds, 784 pairs) measured with this code for run seeds 0, 1, 2 (tools: the
-    test's ``pose_scores`` on the run folder each seed builds; one thread, AVX2 kernels): trained 0.865, 0.856,
-    0.926; untrained 0.477, 0.460, 0.510; the trained weights with the frontal view's ray map for every target
-    (camera-blind) 0.56, 0.53, and with the opposite view's (yaw with the wrong sign) 0.34, 0.26. The nearest-view
-    hit rate of the same runs (the former score, steps of 1/56) was 0.38, 0.43, 0.56 against 0.04-0.14 untrained:
-    a bound on it near 0.44 failed on another CPU. The threshold 0.7 sits about four run-to-run spreads below
-    the trained scores and above every broken one.
+    Rank score (2 heads x 8 noise seeds, 784 pairs), measured with this code (the test's ``pose_scores``) for run
+    seeds 0-4 (one thread, AVX2 kernels): trained 0.865, 0.856, 0.926, 0.889, 0.777 (mean 0.863, spread 0.054);
+    untrained 0.477-0.545; the trained weights given the frontal view's ray map for every target (camera-blind)
+    0.47-0.56, the opposite view's (yaw with the wrong sign) 0.26-0.38. The nearest-view hit rate of the same
+    runs (the former score, in steps of 1/56) was 0.32-0.56 against 0.04-0.16 untrained: its bound near 0.44 failed
+    on another CPU. The threshold 0.67 sits midway between the highest broken score and the lowest trained one,
+    3.6 spreads below this test's own seed (0.865).
     """
     from spinmeround_lite.model import SpinModel
     from spinmeround_lite.runs import Run
