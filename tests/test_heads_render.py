@@ -18,6 +18,7 @@ def _style_seeds():
     return found
 
 
+@pytest.mark.floats
 def test_sphere_sdf_normals_match_analytic():
     c = torch.tensor([0.05, 0.02, -0.03])
     scene = render.Sphere(tuple(c.tolist()), 0.2)
@@ -37,6 +38,7 @@ def test_sphere_sdf_normals_match_analytic():
     assert (out["normal"][out["alpha"] == 0] == 0).all()
 
 
+@pytest.mark.floats
 def test_known_point_lands_on_predicted_pixel():
     P = torch.tensor([0.1, -0.05, 0.08])
     scene = render.Sphere(tuple(P.tolist()), 0.008, color=(0.0, 0.0, 0.0))
@@ -66,7 +68,12 @@ def test_same_seed_same_identity_and_images():
         assert torch.equal(a[k], b[k])
 
 
+@pytest.mark.floats
 def test_different_seeds_differ():
+    """Measured over six sets of identities (seeds 0-35) and pairs (1-12), ATEN_CPU_CAPABILITY=default and native,
+    one thread: the smallest parameter distance among 6 identities 1.16 +- 0.25 (at least 0.74; bound 0.05); the
+    mean colour difference of two identities' renders 0.117 +- 0.020 (at least 0.090; bound 0.03). One identity
+    rendered twice differs by exactly 0."""
     v = torch.stack([heads.sample_identity(s).to_vector() for s in range(6)])
     assert torch.cdist(v, v)[~torch.eye(6, dtype=torch.bool)].min() > 0.05
     a = render.render_orbit(heads.sample_identity(1), [0.0, 90.0], 0.0, 24)["rgb"]
@@ -74,7 +81,11 @@ def test_different_seeds_differ():
     assert (a - b).abs().mean() > 0.03
 
 
+@pytest.mark.floats
 def test_every_style_fits_the_frame_and_faces_plus_z():
+    """Cover of each view, measured on 4 identities of every hair style (24 heads), 6 yaws, pitch +-25,
+    ATEN_CPU_CAPABILITY=default and native, one thread: 0.28 to 0.47 (per head, smallest 0.36 +- 0.03, largest
+    0.41 +- 0.04); bounds 0.2 and 0.75. No head touches the top or the sides (largest alpha there exactly 0)."""
     seeds = _style_seeds()
     assert set(seeds) == set(heads.HAIR_STYLES)
     yaws = torch.arange(0.0, 360.0, 60.0)

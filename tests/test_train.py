@@ -43,15 +43,20 @@ def test_batches_follow_the_recipe_and_depend_only_on_seed_and_step(data):
     other = data.batch(6, stage=1, batch_size=2)
     assert not torch.equal(b1["noise"], other["noise"])
 
+    # 600 draws. Bounds by analysis: 4.8 standard errors of a binomial rate either side, sqrt(p (1 - p) / 600) =
+    # 0.0146 for p = 0.15 and 0.0204 for p = 0.5; a recipe without dropout (0) or with p = 0.5 is far outside.
+    # The draws come from torch's CPU generator, the same stream on every machine and kernel path. Measured with
+    # 300 draws (batch size 2) over run seeds 0-7, ATEN_CPU_CAPABILITY=default and native (identical): dropout
+    # 0.139 +- 0.026 (0.097 to 0.163), background 0.516 +- 0.039 (0.457 to 0.577).
     counts, drops, bgs = set(), [], []
     for step in range(150):
-        b = data.batch(step, stage=2, batch_size=2)
+        b = data.batch(step, stage=2, batch_size=4)
         counts.update(b["mask"].sum(1).tolist())
         drops += b["drop"].tolist()
         bgs += b["bg"].tolist()
-        for k in range(2):                                               # views are distinct rig views
+        for k in range(len(b["views"])):                                # views are distinct rig views
             assert len(set(b["views"][k].tolist())) == P
-    assert counts == {0, 1, min(3, P - 1)}                               # stage 2: 0, 1 or 3
+    assert len(drops) == 600 and counts == {0, 1, min(3, P - 1)}        # stage 2: 0, 1 or 3
     assert 0.08 < sum(drops) / len(drops) < 0.22                         # CFG dropout p = 0.15
     assert 0.4 < sum(bgs) / len(bgs) < 0.6                               # random background p = 0.5
     # the random-background latents are those of the same views on another colour
