@@ -7,6 +7,8 @@ from spinmeround_lite import bench
 
 def test_bench_rows_on_cpu_at_test_profile():
     r = bench.run_bench("test", "cpu", rows=("peak", "train", "splat"))
+    # not a speed target (those live in the benchmark's own output): 1e8 flop/s only says the row measured
+    # something; any CPU this course runs on does 1e10 or more. MFU is a fraction by definition.
     assert r["matmul_peak"]["flops_per_s"] > 1e8
     t = r["training"]
     assert t["samples_per_s"] > 0 and t["flops_per_step"] > 0 and 0 < t["mfu"] < 1

@@ -22,7 +22,8 @@ def _style_seeds():
 def test_sphere_sdf_normals_match_analytic():
     c = torch.tensor([0.05, 0.02, -0.03])
     scene = render.Sphere(tuple(c.tolist()), 0.2)
-    d = torch.nn.functional.normalize(torch.randn(500, 3), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    # measured over directions 0-5, ATEN_CPU_CAPABILITY=default and native: min n . d = 1 - 5e-8 (bound 1 - 1e-4)
     n = render.sdf_normals(scene, c + 0.2 * d)
     assert (n * d).sum(-1).min() > 0.9999
 
