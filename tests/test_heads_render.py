@@ -130,7 +130,7 @@ def test_cuda_matches_cpu():
 def test_bound_contains_every_head():
     """The renderer skips the full SDF far from ``bound_sdf``: that is safe only if the bound contains the head.
     Measured on these 12 heads, ATEN_CPU_CAPABILITY=default and native, one thread: the largest bound value at a
-    point inside a head is -0.064 +- 0.013 (at most -0.036): a margin of 3.6 cm (heads are about 0.4 across)."""
+    point inside a head is -0.064 +- 0.013 (at most -0.036): a margin of 0.036 on heads about 0.4 across."""
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(6000, 3, generator=g) - 0.5) * torch.tensor([0.8, 1.0, 0.8])
     for s in list(_style_seeds().values()) + list(range(20, 24)):
