@@ -7,6 +7,9 @@ from spinmeround_lite import bench
 
 def test_bench_rows_on_cpu_at_test_profile():
     r = bench.run_bench("test", "cpu", rows=("peak", "train", "splat"))
+    # not a speed target (those live in the benchmark's own output): 1e8 flop/s only says the row measured
+    # something (results/cpu/bench.json: 9.5e10 on the course's 2-core machine, so 1e8 holds at 1/1000 of that,
+    # on a scalar kernel path or a heavily shared CPU). MFU is a fraction by definition.
     assert r["matmul_peak"]["flops_per_s"] > 1e8
     t = r["training"]
     assert t["samples_per_s"] > 0 and t["flops_per_step"] > 0 and 0 < t["mfu"] < 1

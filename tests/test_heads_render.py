@@ -18,10 +18,12 @@ def _style_seeds():
     return found
 
 
+@pytest.mark.floats
 def test_sphere_sdf_normals_match_analytic():
     c = torch.tensor([0.05, 0.02, -0.03])
     scene = render.Sphere(tuple(c.tolist()), 0.2)
-    d = torch.nn.functional.normalize(torch.randn(500, 3), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    # measured over directions 0-5, ATEN_CPU_CAPABILITY=default and native: min n . d = 1 - 5e-8 (bound 1 - 1e-4)
     n = render.sdf_normals(scene, c + 0.2 * d)
     assert (n * d).sum(-1).min() > 0.9999
 
@@ -37,6 +39,7 @@ def test_sphere_sdf_normals_match_analytic():
     assert (out["normal"][out["alpha"] == 0] == 0).all()
 
 
+@pytest.mark.floats
 def test_known_point_lands_on_predicted_pixel():
     P = torch.tensor([0.1, -0.05, 0.08])
     scene = render.Sphere(tuple(P.tolist()), 0.008, color=(0.0, 0.0, 0.0))
@@ -66,7 +69,12 @@ def test_same_seed_same_identity_and_images():
         assert torch.equal(a[k], b[k])
 
 
+@pytest.mark.floats
 def test_different_seeds_differ():
+    """Measured over six sets of identities (seeds 0-35) and pairs (1-12), ATEN_CPU_CAPABILITY=default and native,
+    one thread: the smallest parameter distance among 6 identities 1.16 +- 0.25 (at least 0.74; bound 0.05); the
+    mean colour difference of two identities' renders 0.117 +- 0.020 (at least 0.090; bound 0.03). One identity
+    rendered twice differs by exactly 0."""
     v = torch.stack([heads.sample_identity(s).to_vector() for s in range(6)])
     assert torch.cdist(v, v)[~torch.eye(6, dtype=torch.bool)].min() > 0.05
     a = render.render_orbit(heads.sample_identity(1), [0.0, 90.0], 0.0, 24)["rgb"]
@@ -74,7 +82,11 @@ def test_different_seeds_differ():
     assert (a - b).abs().mean() > 0.03
 
 
+@pytest.mark.floats
 def test_every_style_fits_the_frame_and_faces_plus_z():
+    """Cover of each view, measured on 4 identities of every hair style (24 heads), 6 yaws, pitch +-25,
+    ATEN_CPU_CAPABILITY=default and native, one thread: 0.28 to 0.47 (per head, smallest 0.36 +- 0.03, largest
+    0.41 +- 0.04); bounds 0.2 and 0.75. No head touches the top or the sides (largest alpha there exactly 0)."""
     seeds = _style_seeds()
     assert set(seeds) == set(heads.HAIR_STYLES)
     yaws = torch.arange(0.0, 360.0, 60.0)
@@ -114,8 +126,11 @@ def test_cuda_matches_cpu():
     assert (a["rgb"] - b["rgb"].cpu()).abs().mean() < 0.01
 
 
+@pytest.mark.floats
 def test_bound_contains_every_head():
-    """The renderer skips the full SDF far from ``bound_sdf``: that is safe only if the bound contains the head."""
+    """The renderer skips the full SDF far from ``bound_sdf``: that is safe only if the bound contains the head.
+    Measured on these 12 heads, ATEN_CPU_CAPABILITY=default and native, one thread: the largest bound value at a
+    point inside a head is -0.064 +- 0.013 (at most -0.036): a margin of 0.036 on heads about 0.4 across."""
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(6000, 3, generator=g) - 0.5) * torch.tensor([0.8, 1.0, 0.8])
     for s in list(_style_seeds().values()) + list(range(20, 24)):

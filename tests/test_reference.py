@@ -62,7 +62,7 @@ def test_reference_export_stores_half_precision_that_loads(tmp_path):
         assert all(f.get_tensor(k).dtype in (torch.float16, torch.int64) for k in f.keys())
     loaded = SpinModel.load(tmp_path / "ref", "test")
     assert loaded.config["step"] == 12 and Run.is_complete(tmp_path / "ref")
-    for k, v in model.state_dict().items():
+    for k, v in model.state_dict().items():       # float16 rounds to 2^-11 = 4.9e-4 relative: bound by analysis
         torch.testing.assert_close(loaded.state_dict()[k], v, atol=2e-3, rtol=2e-3)
 
 

@@ -122,7 +122,12 @@ def test_spin_returns_views_in_yaw_order(parts):
     assert not torch.allclose(res3.latents[0], res.latents[3])
 
 
+@pytest.mark.floats
 def test_intermediates_do_not_depend_on_batching(parts):
+    """Batched and one-by-one rounds differ by float32 rounding only: measured over model seeds 0-4 and input draws
+    10-14, ATEN_CPU_CAPABILITY=default and native, one thread: max difference 2.4e-5 +- 0.8e-5 (at most 3.1e-5) on
+    latents of size 1.4 +- 0.3. Tolerance 1e-3 (30 times that); rounds that depended on the batch (shared noise,
+    another round's views) would differ by about 1."""
     z_in = torch.randn(8, P.latent_res, P.latent_res)
     z_anc = torch.randn(7, *z_in.shape)
     emb = torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)
@@ -130,7 +135,7 @@ def test_intermediates_do_not_depend_on_batching(parts):
     a = intermediates(parts.model, P, z_in, z_anc, yaws, emb, steps=1, cfg_scale=2.0, batch_rounds=8)
     b = intermediates(parts.model, P, z_in, z_anc, yaws, emb, steps=1, cfg_scale=2.0, batch_rounds=1)
     assert a.shape == (4, 8, P.latent_res, P.latent_res)
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)   # batched convolutions round differently, slightly
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)   # batched convolutions round differently, slightly
 
 
 def test_save_and_load(parts, tmp_path):
@@ -248,8 +253,12 @@ def test_spin_refuses_bad_input_before_loading_anything(tmp_path):
         spin(tmp_path / "missing.jpg", profile="test", progress=False)     # no run, no model needed
 
 
+@pytest.mark.floats
 def test_alignment_crop_recovers_a_known_similarity():
-    """Put a render into a larger 'photo' by a known similarity; its keypoints there must crop it back."""
+    """Put a render into a larger 'photo' by a known similarity; its keypoints there must crop it back.
+    Mean error of the inner crop, ATEN_CPU_CAPABILITY=default and native, one thread: 0.0140 on both paths; over
+    four other similarities that keep the head inside the photo (and other colours) 0.010 to 0.015. Keypoints off
+    by 6 photo pixels (2.4 crop pixels) give 0.073 to 0.12, above the bound 0.05."""
     R = 32
     src = render_like(R)
     tpl = face_template(R)                                   # (5, 2) keypoints of the render's face

@@ -40,7 +40,11 @@ def _pixel_grid(h, w):
     return u, v
 
 
+@pytest.mark.floats
 def test_single_gaussian_footprint_centre_covariance_and_opacity():
+    """float64 throughout: the image against the formula to 1e-9; the moments against the analytic correction for
+    the cut at alpha = 1/255 (a centre within 0.01 px, the covariance and the opacity within 1 %: what sampling a
+    Gaussian on whole pixels leaves, not a measured figure)."""
     res, o = 64, 0.8
     w2c, K = _camera(res)
     mean = torch.tensor([0.03, -0.02, 0.05], dtype=torch.float64)
@@ -106,6 +110,7 @@ def _random_scene(n, spread=0.12, dtype=torch.float64, seed=0):
     return [x.to(dtype) for x in (means, quats, scales, opac, colors)]
 
 
+@pytest.mark.floats
 def test_compositing_matches_naive_and_does_not_depend_on_tiling():
     res = 40
     w2c, K = _camera(res, yaw=-40.0, pitch=-5.0)
@@ -142,7 +147,12 @@ def test_gradcheck_torch_renderer_float64():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
+@pytest.mark.floats
 def test_fit_known_gaussians_reaches_30db_on_training_views():
+    """Measured over fit seeds 0-5 with scenes 3-8 (150 steps), ATEN_CPU_CAPABILITY=default and native, one thread:
+    PSNR over the 8 views 39.0 +- 1.4 dB (at least 37.3; bound 30), the worst view 37.2 +- 1.7 dB (at least 34.8;
+    bound 28), the start 15.3 +- 0.5 dB (at most 15.9; bound 25). An unfitted start is 15 dB; half the steps (80)
+    reach only 33.0 +- 2.4 dB (worst view 29.3)."""
     torch.manual_seed(0)
     res, V = 32, 8
     means, quats, scales, opac, colors = _random_scene(24, spread=0.15, dtype=torch.float32, seed=3)
