@@ -28,20 +28,23 @@ solutions: $(STAMP)
 # Unit tests, then every notebook and then every worked solution at the test profile (nbmake) in one shared run
 # folder (the solutions reuse the notebooks' artifacts), then the figures check.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
-	$(MAKE) --no-print-directory test-portability
+	@units=$$(mktemp -d "$${TMPDIR:-/tmp}/smr-units-XXXXXX"); \
+	HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$units $(PY) -m pytest -q -p no:cacheprovider tests \
+	  && SMR_RUN_DIR=$$units $(MAKE) --no-print-directory test-portability; \
+	rc=$$?; rm -rf "$$units"; exit $$rc
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks solutions
 
 # The portability guard: the tests marked `floats` (they compare floats against a measured bound, or train) run
 # again on one thread and on torch's scalar kernels (ATEN_CPU_CAPABILITY=default: another float path on the same
 # CPU, as another machine's kernels would be), the two at once, one core each. A test that passes on one path and
-# fails on another is fragile: its bound was read off one machine.
+# fails on another is fragile: its bound was read off one machine. Within `make test` both reuse the unit tests'
+# run folder (SMR_RUN_DIR), so nothing is built twice.
 test-portability: $(STAMP)
 	@d=$$(mktemp -d); \
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats tests \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats --durations=5 tests \
 	    > $$d/one-thread.log 2>&1 & a=$$!; \
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats \
-	    tests > $$d/scalar-kernels.log 2>&1 & b=$$!; \
+	    --durations=5 tests > $$d/scalar-kernels.log 2>&1 & b=$$!; \
 	ra=0; wait $$a || ra=$$?; rb=0; wait $$b || rb=$$?; \
 	for f in one-thread scalar-kernels; do echo "portability guard, $$f: $$(tail -n 1 $$d/$$f.log)"; done; \
 	if [ $$ra -ne 0 ]; then cat $$d/one-thread.log; fi; \
