@@ -34,8 +34,11 @@ def _png(frame: np.ndarray) -> bytes:
 def spin_viewer(result_or_folder, size: int = 192):
     """A yaw slider over a ``SpinResult`` (or a saved spin folder): RGB | normals of the chosen view.
 
-    Views are ordered by yaw from -180 to 180 degrees; each frame is upscaled (nearest) to ``size`` pixels high.
-    Returns an ``ipywidgets.VBox``; needs ``ipywidgets`` (``pip install -e .[notebooks]``).
+    Views are ordered by yaw from -180 to 180 degrees; each frame is upscaled (nearest) to at least ``size``
+    pixels high and drawn ``size`` pixels high whatever the width of the notebook, with the slider as wide as the
+    picture: both fit on one screen (left to itself, JupyterLab stretches an image to the full output width, and
+    a 64 px view became a picture taller than the screen). Returns an ``ipywidgets.VBox``; needs ``ipywidgets``
+    (``pip install -e .[notebooks]``).
     """
     try:
         import ipywidgets as widgets
@@ -49,9 +52,12 @@ def spin_viewer(result_or_folder, size: int = 192):
     pngs = {i: _png(frames[i]) for i in order}
     options = [(f"{float(yaw[i]):+.1f}°", i) for i in order]
     start = min(order, key=lambda i: abs(float(yaw[i])))          # the view nearest the front
-    slider = widgets.SelectionSlider(options=options, value=start, description="yaw",
-                                     continuous_update=True, layout=widgets.Layout(width="90%"))
-    image = widgets.Image(value=pngs[start], format="png")
+    h, w = frames[0].shape[:2]
+    width = round(size * w / h)                                    # RGB | normals: twice as wide as high
+    slider = widgets.SelectionSlider(options=options, value=start, description="yaw", continuous_update=True,
+                                     layout=widgets.Layout(width=f"{max(width, 320)}px"))
+    image = widgets.Image(value=pngs[start], format="png",
+                          layout=widgets.Layout(width=f"{width}px", height=f"{size}px", object_fit="contain"))
     caption = widgets.HTML()
 
     def show(i: int) -> None:

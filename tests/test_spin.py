@@ -339,3 +339,23 @@ def test_close_up_shows_the_views_near_the_input_in_yaw_order():
     res.yaw = (torch.arange(n) * 360.0 / n + 170.0 + 180.0) % 360.0 - 180.0
     assert viewer.near_views(res, 50.0) == [14, 15, 0, 1, 2]
     assert [ax.get_title() for ax in viewer.close_up(res, 50.0).axes] == titles
+
+
+@pytest.mark.parametrize("res_px", [8, 64, 512])
+def test_spin_viewer_draws_a_fixed_size_whatever_the_resolution(res_px):
+    """The picture is ``size`` px high and twice as wide (RGB | normals), never the output area's width; the
+    slider is as wide as the picture; moving it shows another view (tests/browser checks the same in Chromium)."""
+    from spinmeround_lite import viewer
+    from spinmeround_lite.spinning import SpinResult
+
+    n = 4
+    res = SpinResult(torch.rand(n, 3, res_px, res_px), torch.rand(n, 3, res_px, res_px),
+                     torch.tensor([0.0, 90.0, 180.0, -90.0]), torch.zeros(n), torch.eye(4).expand(n, 4, 4),
+                     torch.eye(3))
+    box = viewer.spin_viewer(res, size=200)
+    slider, image, caption = box.children
+    assert (image.layout.width, image.layout.height) == ("400px", "200px")
+    assert slider.layout.width == "400px"
+    shown = image.value
+    slider.value = slider.options[0][1]                                         # yaw -90: view 3
+    assert image.value != shown and "view 3 of 4" in caption.value
