@@ -3,12 +3,14 @@ PROFILE ?= cpu
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: course solutions test test-portability lint lab clean-notebooks bench help
+.PHONY: course solutions test test-portability test-browser screenshots lint lab clean-notebooks bench help
 
 help:
 	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
 	@echo "make solutions [PROFILE=...]               run the worked solutions in the same run folder"
-	@echo "make test                                  unit tests (+ the float-path guard) + every notebook at the test profile"
+	@echo "make test                                  unit tests (+ the float-path guard) + every notebook at the test profile + the browser tests"
+	@echo "make test-browser                          the course in JupyterLab in headless Chromium (tests/browser)"
+	@echo "make screenshots                           the README's JupyterLab pictures (docs/images/lab_*.png, cpu profile)"
 	@echo "make lab                                   JupyterLab on the notebooks"
 
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -25,14 +27,19 @@ course: $(STAMP)
 solutions: $(STAMP)
 	$(PY) -m spinmeround_lite.course run --solutions --profile $(PROFILE)
 
-# Unit tests, then every notebook and then every worked solution at the test profile (nbmake) in one shared run
-# folder (the solutions reuse the notebooks' artifacts), then the figures check.
+# Unit tests, then every notebook and then every worked solution at the test profile (nbmake) in one shared
+# temporary run folder (the solutions reuse the notebooks' artifacts), then the figures check, then the course in
+# JupyterLab in a browser on that same run folder (as a learner opens it after running the notebooks).
 test: $(STAMP)
 	@units=$$(mktemp -d "$${TMPDIR:-/tmp}/smr-units-XXXXXX"); \
-	HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$units $(PY) -m pytest -q -p no:cacheprovider tests \
+	HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$units $(PY) -m pytest -q -p no:cacheprovider --ignore=tests/browser tests \
 	  && SMR_RUN_DIR=$$units $(MAKE) --no-print-directory test-portability; \
 	rc=$$?; rm -rf "$$units"; exit $$rc
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks solutions
+	run=$$(mktemp -d "$${TMPDIR:-/tmp}/smr-test-run-XXXXXX"); \
+	HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$run $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 \
+	    notebooks solutions \
+	  && HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$run $(PY) -m pytest -q -p no:cacheprovider tests/browser; \
+	rc=$$?; rm -rf "$$run"; exit $$rc
 
 # The portability guard: the tests marked `floats` (they compare floats against a measured bound, or train) run
 # again on one thread and on torch's scalar kernels (ATEN_CPU_CAPABILITY=default: another float path on the same
@@ -41,15 +48,27 @@ test: $(STAMP)
 # run folder (SMR_RUN_DIR), so nothing is built twice.
 test-portability: $(STAMP)
 	@d=$$(mktemp -d); \
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats --durations=5 tests \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats --durations=5 --ignore=tests/browser tests \
 	    > $$d/one-thread.log 2>&1 & a=$$!; \
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats \
-	    --durations=5 tests > $$d/scalar-kernels.log 2>&1 & b=$$!; \
+	    --durations=5 --ignore=tests/browser tests > $$d/scalar-kernels.log 2>&1 & b=$$!; \
 	ra=0; wait $$a || ra=$$?; rb=0; wait $$b || rb=$$?; \
 	for f in one-thread scalar-kernels; do echo "portability guard, $$f: $$(tail -n 1 $$d/$$f.log)"; done; \
 	if [ $$ra -ne 0 ]; then cat $$d/one-thread.log; fi; \
 	if [ $$rb -ne 0 ]; then cat $$d/scalar-kernels.log; fi; \
 	rm -rf $$d; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
+
+# JupyterLab (the course's .venv) in headless Chromium (Debian's `chromium`; skipped without it, a failure with
+# CI=true): the file browser, notebooks 00, 07 and 08 run from the Run menu, the viewer, the rig, the GIF, the
+# equations; a fresh temporary run folder unless SMR_RUN_DIR names one. Screenshots under pytest's temporary folder.
+test-browser: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests/browser
+
+# The README's pictures of the course in JupyterLab (docs/images/lab_*.png), at the cpu profile in runs/cpu
+# (what `make course` built is reused; what is missing is built first).
+screenshots: $(STAMP)
+	SMR_PROFILE=cpu SMR_RUN_DIR=$(CURDIR)/runs/cpu SMR_DOC_IMAGES=$(CURDIR)/docs/images HF_HUB_OFFLINE=1 \
+	    $(PY) -m pytest -q -p no:cacheprovider tests/browser/test_course_in_lab.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check .

@@ -2,10 +2,10 @@
 
 Without Chromium the tests skip with one line naming the install command; with ``CI=true`` that is a failure.
 The server serves copies of ``notebooks/`` and ``solutions/`` (and the stand-in notebooks of
-``test_lab_checks.py``), so nothing a browser does can write into the checkout. The profile is ``test`` unless
-``SMR_BROWSER_PROFILE`` names another; the run folder is a fresh temporary one unless ``SMR_BROWSER_RUN_DIR``
-names one. With ``SMR_DOC_IMAGES=<folder>`` the tests also write the README's cropped screenshots there
-(``make screenshots``).
+``test_lab_checks.py``), so nothing a browser does can write into the checkout. Its kernels get the profile and run
+folder of the test run (``SMR_PROFILE``, ``SMR_RUN_DIR``; the top-level ``conftest.py`` makes them ``test`` and a
+fresh temporary folder unless the caller set them: ``make test`` passes the run folder its notebooks just used).
+With ``SMR_DOC_IMAGES=<folder>`` the tests also write the README's cropped screenshots there (``make screenshots``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="session")
 def profile() -> str:
-    return os.environ.get("SMR_BROWSER_PROFILE", "test")
+    return os.environ.get("SMR_PROFILE", "test")
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +65,9 @@ def served(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(chromium, served, profile, tmp_path_factory):
-    run_dir = os.environ.get("SMR_BROWSER_RUN_DIR") or str(tmp_path_factory.mktemp(f"run-{profile}"))
+    run_dir = os.environ.get("SMR_RUN_DIR") or str(tmp_path_factory.mktemp(f"run-{profile}"))
     srv = lab.LabServer(served, tmp_path_factory.mktemp("jupyter"),
-                        env={"SMR_PROFILE": profile, "SMR_RUN_DIR": run_dir})
+                        env={"SMR_PROFILE": profile, "SMR_RUN_DIR": str(Path(run_dir).resolve())})
     try:
         yield srv
     finally:
