@@ -10,6 +10,7 @@ With ``SMR_DOC_IMAGES=<folder>`` the tests also write the README's cropped scree
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
@@ -24,26 +25,9 @@ import lab  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    path = lab.chromium_path()
-    if path is None:
-        msg = f"Chromium is not installed: {lab.INSTALL_HINT}"
-        if _in_ci():
-            pytest.fail(msg + " (CI=true: the browser tests must run)", pytrace=False)
-        pytest.skip(msg)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        msg = "playwright is not installed: pip install -e '.[test]'"
-        if _in_ci():
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-    return path
+    return lab.require_chromium()
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +111,13 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+    if rep.skipped and isinstance(rep.longrepr, tuple) and lab.INSTALL_HINT in str(rep.longrepr[2]):
+        line = inspect.getsourcelines(lab.require_chromium)[1]
+        rep.longrepr = (str(Path(lab.__file__)), line, rep.longrepr[2])     # one line for all: "SKIPPED [n] ..."
 
 
-def pytest_terminal_summary(terminalreporter):
-    reps = terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
-    if any("tests/browser" in r.nodeid for r in reps):
-        base = terminalreporter.config._tmp_path_factory.getbasetemp()
+def pytest_terminal_summary(terminalreporter, config):
+    factory = getattr(config, "_tmp_path_factory", None)
+    base = factory.getbasetemp() if factory is not None and factory._basetemp is not None else None
+    if base is not None and any(base.glob("*/screenshots/*.png")):
         terminalreporter.write_line(f"browser screenshots: {base}/<test>/screenshots/")

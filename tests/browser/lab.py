@@ -46,8 +46,34 @@ LAB_SETTINGS = {
 
 
 def chromium_path() -> str | None:
-    """Debian's Chromium, or ``None`` when it is not installed."""
+    """Debian's Chromium (or the browser ``SMR_CHROMIUM`` names), ``None`` when it is not installed."""
+    named = os.environ.get("SMR_CHROMIUM")
+    if named:
+        return named if os.access(named, os.X_OK) else None
     return CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_chromium() -> str:
+    """Chromium's path and playwright, or a skip naming what to install; with ``CI=true`` a failure instead."""
+    import pytest
+
+    path, msg = chromium_path(), None
+    if path is None:
+        msg = f"Chromium is not installed: {INSTALL_HINT}"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            msg = "playwright is not installed: pip install -e '.[test]'"
+    if msg is None:
+        return path
+    if in_ci():
+        pytest.fail(msg + " (CI=true: the browser tests must run)", pytrace=False)
+    pytest.skip(msg)
 
 
 def free_port() -> int:

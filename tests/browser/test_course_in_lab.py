@@ -7,10 +7,10 @@ state it checks under its own temporary folder (the path is printed at the end o
 
 from __future__ import annotations
 
-import shutil
-
 import lab
+import numpy as np
 import pytest
+from PIL import Image
 
 from spinmeround_lite.profiles import get_profile
 
@@ -21,11 +21,17 @@ NOTEBOOKS = ["00_procedural_heads", "01_identity_tokens", "02_ray_maps", "03_lat
              "09_evaluation", "10_your_photo", "11_the_real_model"]
 
 
-def _keep(doc_images, out_dir, name, as_name):
-    """Copy a screenshot into the README's images (``make screenshots``)."""
-    if doc_images is not None:
-        doc_images.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(out_dir / f"{name}.png", doc_images / as_name)
+def _keep(doc_images, out_dir, name, as_name, margin=6):
+    """Copy a screenshot, cropped to what is drawn on it, into the README's images (``make screenshots``)."""
+    if doc_images is None:
+        return
+    im = Image.open(out_dir / f"{name}.png").convert("RGB")
+    ys, xs = np.nonzero((np.asarray(im) < 245).any(-1))                  # everything but the white page
+    if len(xs):
+        im = im.crop((max(0, xs.min() - margin), max(0, ys.min() - margin),
+                      min(im.width, xs.max() + 1 + margin), min(im.height, ys.max() + 1 + margin)))
+    doc_images.mkdir(parents=True, exist_ok=True)
+    im.save(doc_images / as_name, optimize=True)
 
 
 def test_file_browser_lists_the_course(page, server, out_dir):

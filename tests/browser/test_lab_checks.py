@@ -6,6 +6,8 @@ working one must pass it, so a check that cannot fail would show here.
 
 from __future__ import annotations
 
+import re
+
 import lab
 import nbformat
 import pytest
@@ -116,3 +118,14 @@ def test_rig_check_fails_a_rig_without_cameras(standin, out_dir):
     page, _ = standin
     with pytest.raises(AssertionError, match="shows 0 cameras, expected 6"):
         lab.check_rig(page, out_dir, cameras=6, scope=lab.cell(page, CELLS["rig_without_cameras"][0]))
+
+
+def test_without_chromium_a_skip_locally_a_failure_in_ci(monkeypatch):
+    """No browser: a skip naming the install command; with CI=true the same is a failure."""
+    monkeypatch.setenv("SMR_CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=f"Chromium is not installed: {re.escape(lab.INSTALL_HINT)}"):
+        lab.require_chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="Chromium is not installed: .*CI=true"):
+        lab.require_chromium()
