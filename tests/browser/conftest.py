@@ -90,6 +90,7 @@ def page(browser_context, server, request, out_dir):
             except Exception:
                 pass
         pg.close()
+        server.shutdown_kernels()                  # whatever the outcome, no notebook keeps running
 
 
 @pytest.fixture

@@ -147,6 +147,16 @@ class LabServer:
         self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
+    def shutdown_kernels(self) -> int:
+        """Shut down every kernel the server runs (a test's notebook may still be running when it fails)."""
+        ids = [k["id"] for k in json.loads(self.api("/api/kernels"))]
+        for kid in ids:
+            try:
+                self.api(f"/api/kernels/{kid}", method="DELETE")
+            except urllib.error.HTTPError:
+                pass
+        return len(ids)
+
     def page_url(self, path: str = "") -> str:
         """JupyterLab on ``path``, with a fresh workspace (``reset``: the tabs of an earlier test stay closed)."""
         return f"{self.url}/lab{('/tree/' + path) if path else ''}?reset&token={self.token}"

@@ -7,6 +7,8 @@ state it checks under its own temporary folder (the path is printed at the end o
 
 from __future__ import annotations
 
+import os
+
 import lab
 import numpy as np
 import pytest
@@ -14,7 +16,10 @@ from PIL import Image
 
 from spinmeround_lite.profiles import get_profile
 
-pytestmark = pytest.mark.timeout(900)
+# Notebooks at the test profile take a minute or two each; the cpu profile (``make screenshots``) much longer.
+TEST_PROFILE = os.environ.get("SMR_PROFILE", "test") == "test"
+RUN_TIMEOUT = 900 if TEST_PROFILE else 3600
+pytestmark = pytest.mark.timeout(RUN_TIMEOUT + 300)
 
 NOTEBOOKS = ["00_procedural_heads", "01_identity_tokens", "02_ray_maps", "03_latent_space", "04_3d_attention",
              "05_edm_training", "06_normal_inpainting", "07_anchor_sampling", "08_gaussian_splatting",
@@ -50,7 +55,7 @@ def test_file_browser_lists_the_course(page, server, out_dir):
 def test_camera_rig_notebook(page, server, profile, out_dir, doc_images):
     """Notebook 00 top to bottom from the browser; its plotly rig shows every camera of the profile's rig."""
     lab.open_notebook(page, server, "notebooks/00_procedural_heads.ipynb")
-    state = lab.run_all(page)
+    state = lab.run_all(page, timeout_s=RUN_TIMEOUT)
     lab.shot(page, out_dir, "ran")
     lab.assert_ran_cleanly(state)
     lab.check_rig(page, out_dir, cameras=get_profile(profile).views_per_identity)
@@ -61,7 +66,7 @@ def test_camera_rig_notebook(page, server, profile, out_dir, doc_images):
 def test_spin_viewer_notebook(page, server, out_dir, doc_images):
     """Notebook 07 top to bottom from the browser; the viewer fits on a screen and its slider turns the head."""
     lab.open_notebook(page, server, "notebooks/07_anchor_sampling.ipynb")
-    state = lab.run_all(page)
+    state = lab.run_all(page, timeout_s=RUN_TIMEOUT)
     lab.shot(page, out_dir, "ran")
     lab.assert_ran_cleanly(state)
     lab.check_viewer(page, out_dir)
@@ -73,7 +78,7 @@ def test_splatting_notebook(page, server, out_dir, doc_images):
     """Notebook 08: its equations are typeset on opening; run from the browser, its turntable GIF plays."""
     lab.open_notebook(page, server, "notebooks/08_gaussian_splatting.ipynb")
     assert lab.check_equations(page, out_dir, at_least=10) >= 10
-    state = lab.run_all(page)
+    state = lab.run_all(page, timeout_s=RUN_TIMEOUT)
     lab.shot(page, out_dir, "ran")
     lab.assert_ran_cleanly(state)
     lab.check_gif(page, out_dir)

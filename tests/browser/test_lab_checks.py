@@ -75,6 +75,7 @@ def standin(browser_context, server, served):
         yield page, state
     finally:
         page.close()
+        server.shutdown_kernels()
 
 
 def test_a_raising_cell_is_an_error(standin):
