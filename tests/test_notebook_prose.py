@@ -34,7 +34,7 @@ ALLOWED_DECIMALS: dict[str, str] = {
     "2.7": "PanoHead's camera radius",
     "18.837": "PanoHead's field of view (degrees, diagonal)",
     "13.4": "that field of view across the image (degrees)",
-    "4.2647": "the course's focal length over the image side",
+    "4.2627": "the course's focal length over the image side",
     "4.2634": "the released code's focal length (its pi and sqrt 2 rounded)",
     "3.14159": "the released code's pi",
     "1.414": "the released code's sqrt 2",
