@@ -6,8 +6,8 @@ line, or a markdown cell the notebook writes with ``IPython.display.Markdown`` f
 committed result the sentence names (``results/cpu/evaluation.json``), and the prose of ``notebooks/`` and
 ``solutions/`` holds only:
 
-* decimal numbers (a leading + ignored) that are constants of the method: the paper's, the released code's, a profile's (read from
-  ``profiles.PROFILES``), or a toy's own parameters, each listed below with what it is;
+* decimal numbers (a leading + ignored) that are constants of the method: the paper's, the released code's, a
+  profile's (read from ``profiles.PROFILES``), or a toy's own parameters, each listed below with what it is;
 * percentages and "N of M" counts likewise listed (a count such as "11 of 16 heads" is a measurement).
 
 Fenced code blocks (command lines) are not prose and are skipped. A new constant in the prose goes into the
