@@ -24,7 +24,7 @@ import torch
 
 RADIUS = 2.7
 FOV_DEG = 18.837
-FOCAL_NORM = 1.0 / (math.tan(math.radians(FOV_DEG) / 2) * math.sqrt(2))  # about 4.2647, in image sides
+FOCAL_NORM = 1.0 / (math.tan(math.radians(FOV_DEG) / 2) * math.sqrt(2))  # about 4.2627, in image sides
 LOOK_AT = (0.0, 0.0, 0.0)
 PITCH_BAND_DEG = 25.0
 ANCHOR_YAWS = (45.0, -45.0, 90.0, -90.0, 135.0, -135.0, 180.0)

@@ -7,7 +7,7 @@ from spinmeround_lite import cameras as C
 
 
 def test_focal_matches_panohead():
-    assert abs(C.FOCAL_NORM - 4.2647) < 2e-3
+    assert abs(C.FOCAL_NORM - 4.2627) < 1e-4      # 1 / (tan(18.837 deg / 2) sqrt 2)
 
 
 def test_opencv_axes_frontal_camera():
