@@ -1,5 +1,8 @@
 # The two commands of the course: `make course` and `make test`. Both create .venv on first use.
 PROFILE ?= cpu
+# Profile fields changed for this run, e.g. OVERRIDES="batch_size=8 train_steps=100" (see profiles.py).
+OVERRIDES ?=
+SET     := $(if $(strip $(OVERRIDES)),--set $(OVERRIDES))
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
@@ -7,6 +10,7 @@ STAMP   := .venv/.installed
 
 help:
 	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
+	@echo "make course OVERRIDES=\"batch_size=8\"     the same with profile fields changed (run folder records them)"
 	@echo "make solutions [PROFILE=...]               run the worked solutions in the same run folder"
 	@echo "make test                                  unit tests + every notebook at the test profile"
 	@echo "make lab                                   JupyterLab on the notebooks"
@@ -20,10 +24,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 course: $(STAMP)
-	$(PY) -m spinmeround_lite.course run --profile $(PROFILE)
+	$(PY) -m spinmeround_lite.course run --profile $(PROFILE) $(SET)
 
 solutions: $(STAMP)
-	$(PY) -m spinmeround_lite.course run --solutions --profile $(PROFILE)
+	$(PY) -m spinmeround_lite.course run --solutions --profile $(PROFILE) $(SET)
 
 # Unit tests, then every notebook and then every worked solution at the test profile (nbmake) in one shared run
 # folder (the solutions reuse the notebooks' artifacts), then the figures check.

@@ -7,11 +7,18 @@
 ``paper`` the paper's sizes (512 px images, 64x64 latents, SD1.5-shaped UNet); needs external weights and data.
 
 A profile is data, not a code path: add a field here, read it in the module that needs it.
+
+Any field but ``name`` can be changed for one run without editing this file: ``overrides`` (a notebook's
+parameter, ``{"batch_size": 8}``), ``python -m spinmeround_lite.course run --set batch_size=8`` or
+``make course OVERRIDES="batch_size=8"``. ``apply_overrides`` checks each name and type and says which fields
+exist when one does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 from dataclasses import dataclass, field
 
 
@@ -171,3 +178,112 @@ def get_profile(name: str | Profile) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides: a profile's fields changed for one run
+# ----------------------------------------------------------------------------------------------
+class OverrideError(ValueError):
+    """An override names no field of ``Profile``, or gives a field a value of the wrong type."""
+
+
+def override_fields() -> dict[str, str]:
+    """Every field an override may set, with its type's name (``int``, ``float``, ``bool``, ``str``, ``tuple``,
+    ``dict``); ``name`` is not one of them (the profile is chosen by name, then changed)."""
+    return {f.name: str(f.type) for f in dataclasses.fields(Profile) if f.name != "name"}
+
+
+def _field_list() -> str:
+    return ", ".join(f"{k} ({t})" for k, t in override_fields().items())
+
+
+def _check_value(key: str, kind: str, value):
+    """``value`` as field ``key`` of type ``kind`` holds it, or ``OverrideError``."""
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "tuple": isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        what = "a list of integers" if kind == "tuple" else f"a {kind}"
+        raise OverrideError(f"override {key}={value!r} ({type(value).__name__}): {key} takes {what}")
+    if kind == "float":
+        return float(value)
+    if kind == "tuple":
+        return tuple(value)
+    return value
+
+
+def check_overrides(overrides: dict | None) -> dict:
+    """The overrides with their values in the field's own type (lists become tuples, ints floats where the field
+    is a float); ``OverrideError`` naming the valid fields for an unknown one, or the type for a wrong value."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise OverrideError(f"overrides must be a dict of profile fields and values, e.g. {{\"batch_size\": 8}}; "
+                            f"got {type(overrides).__name__} {overrides!r}")
+    fields = override_fields()
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), fields, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise OverrideError(f"unknown profile field{'s' if len(unknown) > 1 else ''} in overrides: "
+                            f"{', '.join(hints)}. The fields are: {_field_list()}")
+    return {k: _check_value(k, fields[k], v) for k, v in overrides.items()}
+
+
+def apply_overrides(profile: "str | Profile", overrides: dict | None) -> Profile:
+    """``profile`` (a name or a ``Profile``) with ``overrides`` applied, each name and type checked."""
+    return get_profile(profile).replace(**check_overrides(overrides))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """One ``field=value`` of the command line, the value read by the field's type: ``batch_size=8``,
+    ``lr=1e-4``, ``use_reference=false``, ``unet_channels=64,128,128``, ``vae_pretrained=weights/sd15-vae``,
+    ``extra={"model": "released"}`` (JSON)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise OverrideError(f"--set {text!r}: write field=value, e.g. --set batch_size=8")
+    fields = override_fields()
+    if key not in fields:
+        check_overrides({key: None})                    # raises, naming the fields
+    kind = fields[key]
+    try:
+        if kind == "int":
+            return key, int(raw)
+        if kind == "float":
+            return key, float(raw)
+        if kind == "bool":
+            low = raw.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return key, low in ("true", "1", "yes")
+        if kind == "tuple":
+            if raw.startswith("["):
+                return key, _check_value(key, kind, json.loads(raw))
+            return key, tuple(int(v) for v in raw.strip("()").split(",") if v.strip())
+        if kind == "dict":
+            return key, _check_value(key, kind, json.loads(raw))
+        return key, raw
+    except (ValueError, json.JSONDecodeError):
+        example = {"int": "8", "float": "0.0002", "bool": "true", "tuple": "64,128,128",
+                   "dict": '{"key": "value"}'}[kind]
+        raise OverrideError(f"--set {text!r}: {key} takes a {kind} (e.g. {key}={example})") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["batch_size=8", "train_steps=100"]`` (the command line's ``--set``) as a checked overrides dict."""
+    return check_overrides(dict(parse_override(t) for t in (items or [])))
+
+
+def profile_differences(a: Profile, b: Profile) -> list[str]:
+    """``field: a-value != b-value`` for every field where two profiles differ (``name`` included)."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db[k]]

@@ -3,6 +3,7 @@
 Layout of ``runs/<profile>/``::
 
     summary.json                 written by the course runner
+    run.json                     the profile and the overrides the folder is built with (first opener writes it)
     figures/<notebook>.json      figures each notebook recorded (``run.record``)
     notebooks/<notebook>.ipynb   executed notebooks (course runner)
     data/                        procedural heads (notebook 00)
@@ -28,11 +29,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .profiles import Profile, get_profile
+from .profiles import Profile, apply_overrides, check_overrides, profile_differences
 
 ENV_PROFILE = "SMR_PROFILE"      # default profile of a notebook run with no parameters (JupyterLab, nbmake)
 ENV_RUN_DIR = "SMR_RUN_DIR"      # default run folder likewise
 DEFAULT_PROFILE = "cpu"
+RUN_RECORD = "run.json"          # in the run folder: {"profile": name, "overrides": {...}}
+
+
+class RunFolderMismatch(ValueError):
+    """A run folder built with one profile (or overrides) was asked to continue with another."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +177,57 @@ def default_run_dir(profile: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# the run folder's record: which profile and overrides built it
+# ----------------------------------------------------------------------------------------------
+def read_run_record(root: str | os.PathLike) -> dict | None:
+    """``run.json`` of the run folder ``root`` (``{"profile": ..., "overrides": {...}}``), or None."""
+    p = Path(root) / RUN_RECORD
+    if not p.exists():
+        return None
+    rec = read_json(p)
+    return {"profile": rec.get("profile"), "overrides": dict(rec.get("overrides") or {})}
+
+
+def _overrides_text(overrides: dict) -> str:
+    return json.dumps(clean_figure(overrides), sort_keys=True)
+
+
+def check_run_folder(root: str | os.PathLike, profile: str, overrides: dict | None) -> None:
+    """Raise ``RunFolderMismatch`` when the run folder ``root`` records another profile, or overrides that give
+    any field another value, than ``profile`` with ``overrides``; the message names each difference and what to
+    do. A folder without ``run.json`` (new, or from before the record existed) passes."""
+    rec = read_run_record(root)
+    if rec is None:
+        return
+    root = Path(root)
+    todo = ("To continue that run, ask for the same values; to start another, choose another run folder "
+            "(run_dir, --out), or delete this one (course run --fresh).")
+    if rec["profile"] != profile:
+        raise RunFolderMismatch(f"the run folder {root} was built at profile {rec['profile']!r} "
+                                f"(its {RUN_RECORD}); this asks for profile {profile!r}. {todo}")
+    built = apply_overrides(rec["profile"], rec["overrides"])
+    asked = apply_overrides(profile, overrides)
+    diffs = profile_differences(built, asked)
+    if diffs:
+        lines = [d.replace(" != ", " in the run folder, ", 1) + " asked here" for d in diffs]
+        raise RunFolderMismatch(
+            f"the run folder {root} was built with other values of profile {profile!r} than asked here:\n  "
+            + "\n  ".join(lines)
+            + f"\nIt records overrides = {_overrides_text(rec['overrides'])} ({RUN_RECORD}); this run asks for "
+            f"overrides = {_overrides_text(check_overrides(overrides))}. {todo}")
+
+
+def claim_run_folder(root: str | os.PathLike, profile: str, overrides: dict | None) -> dict:
+    """Check ``root`` against ``profile`` and ``overrides`` (``check_run_folder``) and, when it records nothing
+    yet, record them in its ``run.json``. Returns the checked overrides."""
+    overrides = check_overrides(overrides)
+    check_run_folder(root, profile, overrides)
+    if read_run_record(root) is None:
+        write_json(Path(root) / RUN_RECORD, {"profile": profile, "overrides": clean_figure(overrides)})
+    return overrides
+
+
+# ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
 class Run:
@@ -178,11 +235,14 @@ class Run:
 
     ``Run.open(profile="", run_dir="", notebook="00_procedural_heads")`` resolves empty parameters from the
     environment (``SMR_PROFILE``, ``SMR_RUN_DIR``) and then from defaults (``cpu``, ``<repo>/runs/<profile>``).
+    ``overrides`` (``{"batch_size": 8}``) changes profile fields for this run folder; the folder records them in
+    ``run.json`` and refuses to be continued with other values.
     """
 
     def __init__(self, profile: Profile | str, root: str | os.PathLike, notebook: str | None = None,
-                 seed: int = 0, device: str | torch.device | None = None):
-        self.profile = get_profile(profile)
+                 seed: int = 0, device: str | torch.device | None = None, overrides: dict | None = None):
+        self.overrides = check_overrides(overrides)
+        self.profile = apply_overrides(profile, self.overrides)
         self.root = Path(root).resolve()
         self.notebook = notebook
         self.seed = seed
@@ -191,15 +251,24 @@ class Run:
 
     @classmethod
     def open(cls, profile: str = "", run_dir: str = "", notebook: str | None = None, seed: int = 0,
-             device: str = "") -> "Run":
+             device: str = "", overrides: dict | None = None) -> "Run":
+        """Open (or start) a run folder. ``overrides``: a dict (a notebook's parameter; ``{}`` is the profile as
+        it is) must agree with what the folder records; None (package code, command lines) takes what the folder
+        records."""
         profile = profile or os.environ.get(ENV_PROFILE) or DEFAULT_PROFILE
         root = Path(run_dir) if run_dir else default_run_dir(profile)
-        run = cls(profile, root, notebook=notebook, seed=seed, device=device or None)
+        if overrides is None:
+            rec = read_run_record(root)
+            overrides = rec["overrides"] if rec and rec["profile"] == profile else {}
+        Path(root).mkdir(parents=True, exist_ok=True)
+        overrides = claim_run_folder(root, profile, overrides)
+        run = cls(profile, root, notebook=notebook, seed=seed, device=device or None, overrides=overrides)
         seed_everything(seed)
         return run
 
     def __repr__(self) -> str:
-        return f"Run(profile={self.profile.name!r}, root='{self.root}', device='{self.device}')"
+        more = f", overrides={_overrides_text(self.overrides)}" if self.overrides else ""
+        return f"Run(profile={self.profile.name!r}{more}, root='{self.root}', device='{self.device}')"
 
     # paths -------------------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
