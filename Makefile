@@ -6,7 +6,7 @@ SET     := $(if $(strip $(OVERRIDES)),--set $(OVERRIDES))
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: course solutions test lint lab clean-notebooks bench help
+.PHONY: course solutions test lint lab clean-notebooks bench device-check help
 
 help:
 	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
@@ -43,6 +43,10 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m spinmeround_lite.bench
+
+# On a CUDA GPU: the gpu profile measured in a few minutes, written to results/gpu/device_check.json.
+device-check: $(STAMP)
+	$(PY) tools/device_check.py --out results/gpu
 
 clean-notebooks: $(STAMP)
 	$(PY) tools/clean_notebooks.py notebooks/*.ipynb solutions/*.ipynb
