@@ -4,6 +4,7 @@
 ``cpu``   the whole course in about 20 minutes on 2 CPU cores; after training it starts from the
           course's reference checkpoints (``reference/cpu``) where they are present.
 ``gpu``   one CUDA GPU in about an hour, good quality.
+``colab`` a Colab T4 (15 GB, no bf16): the ``gpu`` model with fp16 autocast and a gradient scaler, fitted to 13 GB.
 ``paper`` the paper's sizes (512 px images, 64x64 latents, SD1.5-shaped UNet); needs external weights and data.
 
 A profile is data, not a code path: add a field here, read it in the module that needs it.
@@ -152,6 +153,23 @@ PROFILES: dict[str, Profile] = {
         splat_iters=2000, splat_init_gaussians=20000, splat_res=128,
         eval_identities=40, eval_angles=16, ablation_steps=4000,
     ),
+    "colab": Profile(
+        # a Colab T4 (15 GB, compute capability 7.5, no bf16): the gpu profile's model and images, fp16 autocast
+        # with a gradient scaler, a batch and counts sized for 13 GB and a session of about two hours
+        # (results/colab/memory.json, README "On Colab")
+        name="colab", resolution=128, identities=300, heldout_identities=20, views_per_identity=125,
+        render_chunk=1 << 18,
+        ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=0,
+        id_input_res=64, id_width=32, id_eval_width=48, id_train_steps=1500, id_batch=256,
+        text_hidden=256, text_layers=4, text_heads=4,
+        vae_channels=(64, 128, 128), vae_steps=2000, vae_batch=32, vae_decoder_steps=1000,
+        unet_channels=(128, 256, 256), unet_layers_per_block=2, unet_head_dim=32,
+        views_per_sample=8, train_steps=6000, batch_size=8, checkpoint_every=1000, sample_every=1000,
+        lr=2e-4, ema_decay=0.9995, mixed_precision="fp16",
+        sample_steps=25, spin_views=48,
+        splat_iters=2000, splat_init_gaussians=20000, splat_res=128,
+        eval_identities=20, eval_angles=16, ablation_steps=1500,
+    ),
     "paper": Profile(
         name="paper", resolution=512, identities=7000, heldout_identities=222, views_per_identity=125,
         render_chunk=1 << 21,
@@ -171,7 +189,7 @@ PROFILES: dict[str, Profile] = {
 
 
 def get_profile(name: str | Profile) -> Profile:
-    """Return the profile called ``name`` (``test``, ``cpu``, ``gpu`` or ``paper``)."""
+    """Return the profile called ``name`` (``test``, ``cpu``, ``gpu``, ``colab`` or ``paper``)."""
     if isinstance(name, Profile):
         return name
     try:
@@ -287,3 +305,41 @@ def profile_differences(a: Profile, b: Profile) -> list[str]:
     """``field: a-value != b-value`` for every field where two profiles differ (``name`` included)."""
     da, db = a.to_dict(), b.to_dict()
     return [f"{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db[k]]
+
+
+# ----------------------------------------------------------------------------------------------
+# picking a profile for the machine (the notebooks' set-up cell, when ``profile`` is left empty)
+# ----------------------------------------------------------------------------------------------
+LARGE_GPU_GIB = 20.0     # below this much GPU memory, or without bf16, a GPU gets ``colab`` instead of ``gpu``
+
+
+def profile_for_device(name: str | None, memory_gib: float | None, bf16: bool | None) -> tuple[str, str]:
+    """(profile, why) for a CUDA device (``name``, total memory, bf16 support), or ``cpu`` when ``name`` is None.
+
+    A T4 (15 GB, no bf16) or any GPU under ``LARGE_GPU_GIB`` or without bf16 gets ``colab`` (fp16 with a gradient
+    scaler, sized for 13 GB); a larger bf16 GPU gets ``gpu``."""
+    if name is None:
+        return "cpu", "no CUDA GPU"
+    if not bf16 or (memory_gib or 0) < LARGE_GPU_GIB:
+        why = "no bf16" if not bf16 else f"{memory_gib:.0f} GiB < {LARGE_GPU_GIB:.0f} GiB"
+        return "colab", f"{name}, {memory_gib:.0f} GiB, {why}"
+    return "gpu", f"{name}, {memory_gib:.0f} GiB, bf16"
+
+
+def pick_profile(profile: str = "", verbose: bool = True) -> str:
+    """``profile`` when given, else ``$SMR_PROFILE``, else the profile for this machine's GPU
+    (``profile_for_device``); printed when picked here."""
+    import os
+
+    if profile or os.environ.get("SMR_PROFILE"):
+        return profile or os.environ["SMR_PROFILE"]
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        picked, why = profile_for_device(props.name, props.total_memory / 2 ** 30, torch.cuda.is_bf16_supported())
+    else:
+        picked, why = profile_for_device(None, None, None)
+    if verbose:
+        print(f"profile left empty: {picked!r} for this machine ({why})")
+    return picked
