@@ -3,6 +3,9 @@ PROFILE ?= cpu
 # Profile fields changed for this run, e.g. OVERRIDES="batch_size=8 train_steps=100" (see profiles.py).
 OVERRIDES ?=
 SET     := $(if $(strip $(OVERRIDES)),--set $(OVERRIDES))
+# DRY_RUN=1: the profile's sizes with every count cut, on this machine (runs/<profile>-dry-run; not results).
+DRY_RUN ?=
+SET     += $(if $(strip $(DRY_RUN)),--dry-run)
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 

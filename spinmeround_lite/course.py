@@ -2,7 +2,7 @@
 
     python -m spinmeround_lite.course list [--solutions]
     python -m spinmeround_lite.course run --profile cpu [--out DIR] [--only 00 03] [--fresh] [--solutions]
-                                          [--set batch_size=8 train_steps=100]
+                                          [--set batch_size=8 train_steps=100] [--dry-run]
 
 ``--set field=value`` (any field of ``profiles.Profile`` but ``name``; repeatable) changes the profile for this
 run: every notebook gets it as its ``overrides`` parameter, and the run folder records it in ``run.json``. A
@@ -34,7 +34,15 @@ import sys
 import time
 from pathlib import Path
 
-from .profiles import PROFILES, OverrideError, check_overrides, parse_overrides
+from .profiles import (
+    DRY_RUN_BANNER,
+    PROFILES,
+    OverrideError,
+    check_overrides,
+    dry_run_overrides,
+    not_exercised,
+    parse_overrides,
+)
 from .runs import RunFolderMismatch, claim_run_folder, clean_figure, find_repo_root, read_json, write_json
 
 # The figures each notebook must record (the course's contract with its issues); the runner lists any missing.
@@ -162,7 +170,7 @@ def progress_line(i: int, n: int, name: str, entry: dict, width: int = 160) -> s
 def run_course(profile: str, out: str | os.PathLike | None = None, only: list[str] | None = None,
                fresh: bool = False, seed: int = 0, timeout: int | None = None,
                notebooks: list[Path] | None = None, progress: bool = True, solutions: bool = False,
-               overrides: dict | None = None) -> dict:
+               overrides: dict | None = None, dry_run: bool = False) -> dict:
     """Run the notebooks (or, with ``solutions``, their worked solutions) at ``profile`` changed by
     ``overrides`` (profile fields and values, each notebook's ``overrides`` parameter); return the summary
     (also written to ``<out>/summary.json``; solutions under its ``"solutions"`` key)."""
@@ -172,12 +180,15 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
         raise SystemExit(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     try:
         overrides = check_overrides(overrides)
+        if dry_run:     # the profile's sizes, every count cut; explicit overrides win
+            overrides = check_overrides({**dry_run_overrides(profile), **overrides})
     except OverrideError as e:
         raise SystemExit(str(e)) from None
     kind = "solutions" if solutions else "notebooks"
     all_nbs = notebooks if notebooks is not None else list_notebooks(notebooks_dir(kind))
     chosen = select(all_nbs, only)
-    root = Path(out) if out else (find_repo_root(Path(__file__).parent) or Path.cwd()) / "runs" / profile
+    folder = f"{profile}-dry-run" if dry_run else profile
+    root = Path(out) if out else (find_repo_root(Path(__file__).parent) or Path.cwd()) / "runs" / folder
     root = root.resolve()
     if fresh and root.exists():
         shutil.rmtree(root)
@@ -193,6 +204,9 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
         "device": _device_name(),
         "python": platform.python_version(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
     })
+    if overrides.get("dry_run"):
+        summary["dry_run"] = {"banner": DRY_RUN_BANNER.format(profile=profile),
+                              "not_exercised": not_exercised(profile)}
     summary.setdefault(kind, {})
     for p in chosen:   # this run's notebooks start pending, in order
         summary[kind][p.stem] = {"status": "pending"}
@@ -204,6 +218,8 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
     if progress:
         more = f" with overrides {json.dumps(overrides)}" if overrides else ""
         print(f"course [{profile}]{more}: {len(chosen)} {kind} in {root}", flush=True)
+        if overrides.get("dry_run"):
+            print(DRY_RUN_BANNER.format(profile=profile), flush=True)
     try:
         for i, nb in enumerate(chosen, 1):
             out_nb = root / kind / nb.name
@@ -279,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="change profile fields for this run, e.g. --set batch_size=8 train_steps=100 "
                         "(any field of spinmeround_lite/profiles.py's Profile but name)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="the profile's sizes with every count cut to the least, on this machine (default folder "
+                        "runs/<profile>-dry-run); its figures are not results")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
     if args.cmd == "list":
@@ -290,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     except OverrideError as e:
         ap.exit(2, f"{ap.prog} run: error: {e}\n")
     summary = run_course(args.profile, args.out, args.only, args.fresh, args.seed, args.timeout,
-                         progress=not args.quiet, solutions=args.solutions, overrides=overrides)
+                         progress=not args.quiet, solutions=args.solutions, overrides=overrides,
+                         dry_run=args.dry_run)
     return 0 if summary["status"] == "ok" else 1
 
 

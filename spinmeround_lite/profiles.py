@@ -95,6 +95,8 @@ class Profile:
     eval_identities: int = 8
     eval_angles: int = 16
     ablation_steps: int = 300
+    dry_run: bool = False               # sizes of the profile, counts cut to the least (course run --dry-run):
+                                        # every figure of such a run is not a result
     extra: dict = field(default_factory=dict)
 
     @property
@@ -343,3 +345,42 @@ def pick_profile(profile: str = "", verbose: bool = True) -> str:
     if verbose:
         print(f"profile left empty: {picked!r} for this machine ({why})")
     return picked
+
+
+# ----------------------------------------------------------------------------------------------
+# the dry run: a profile's sizes, every count cut to the least that runs the code (course run --dry-run)
+# ----------------------------------------------------------------------------------------------
+DRY_RUN_BANNER = ("DRY RUN: {profile} sizes with every count cut to the least (a few identities, two training "
+                  "steps, two sampler steps, one evaluation head); its figures are NOT results.")
+
+
+def dry_run_overrides(profile: "str | Profile") -> dict:
+    """Overrides that keep ``profile``'s sizes (image and latent resolution, model widths and depths, views per
+    sample, rig views, its 16-bit autocast where the CPU has it) and cut every count: identities, training and
+    sampler steps, batch, evaluation heads and angles, splatting iterations."""
+    p = get_profile(profile)
+    o = {"dry_run": True, "identities": 6, "heldout_identities": 2, "extra_train_identities": 0,
+         "extra_heldout_identities": 0, "id_train_steps": 2, "id_batch": min(p.id_batch, 32),
+         "vae_steps": 2, "vae_batch": 2, "vae_decoder_steps": 2 if p.vae_decoder_steps else 0,
+         "train_steps": 2, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "sample_every": 2,
+         "stage1_fraction": 0.5, "use_reference": False, "sample_steps": 2, "spin_views": 16, "check_heads": 1,
+         "splat_iters": 10, "splat_init_gaussians": min(p.splat_init_gaussians, 1000), "eval_identities": 1,
+         "eval_angles": 4, "ablation_steps": 2}
+    if p.mixed_precision in ("auto", "bf16"):
+        o["mixed_precision"] = "bf16"          # what the profile uses on a bf16 GPU, through CPU autocast
+    return o
+
+
+def not_exercised(profile: "str | Profile") -> list[str]:
+    """What a dry run of ``profile`` on the CPU does not run, each with the CPU path that ran instead."""
+    p = get_profile(profile)
+    out = ["gsplat's CUDA rasterizer: the course's PyTorch renderer (splat.rasterize backend='torch') ran",
+           "CUDA kernels of attention (flash / memory-efficient scaled_dot_product_attention): the CPU kernel ran",
+           "CUDA sphere tracing of the heads: the same renderer on the CPU",
+           "memory at the profile's batch: batch 1 ran (python -m spinmeround_lite.memory estimates the full batch)",
+           "several processes (accelerate launch): one CPU process"]
+    if p.mixed_precision == "fp16":
+        out.insert(1, "fp16 autocast with a gradient scaler (CUDA only): float32 ran")
+    elif p.mixed_precision in ("auto", "bf16"):
+        out.insert(1, "bf16 autocast on CUDA: bf16 autocast on the CPU ran (accelerate mixed_precision='bf16')")
+    return out

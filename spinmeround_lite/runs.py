@@ -263,6 +263,9 @@ class Run:
         Path(root).mkdir(parents=True, exist_ok=True)
         overrides = claim_run_folder(root, profile, overrides)
         run = cls(profile, root, notebook=notebook, seed=seed, device=device or None, overrides=overrides)
+        if run.profile.dry_run:
+            from .profiles import DRY_RUN_BANNER
+            print("=" * 100 + "\n" + DRY_RUN_BANNER.format(profile=profile) + "\n" + "=" * 100)
         seed_everything(seed)
         return run
 

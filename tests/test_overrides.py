@@ -157,3 +157,39 @@ def test_papermill_overrides_reach_a_course_notebook(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode != 0
     assert "views_per_identity: 12 in the run folder, 16 asked here" in r.stdout + r.stderr
+
+
+def test_dry_run_keeps_sizes_cuts_counts_and_says_it_everywhere(tmp_path):
+    import nbformat
+
+    from spinmeround_lite.profiles import dry_run_overrides, not_exercised
+    gpu = get_profile("gpu")
+    dry = apply_overrides("gpu", dry_run_overrides("gpu"))
+    for size in ("resolution", "latent_res", "unet_channels", "unet_layers_per_block", "views_per_sample",
+                 "views_per_identity", "vae_channels", "text_hidden", "splat_res"):
+        assert getattr(dry, size) == getattr(gpu, size), size
+    assert dry.mixed_precision == "bf16" and dry.dry_run
+    assert (dry.train_steps, dry.sample_steps, dry.eval_identities) == (2, 2, 1)
+    assert dry.identities < gpu.identities and dry.heldout_identities >= dry.check_heads
+    colab = apply_overrides("colab", dry_run_overrides("colab"))
+    assert colab.mixed_precision == "fp16" and any("fp16" in n for n in not_exercised("colab"))
+    assert any("gsplat" in n for n in not_exercised("gpu"))
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    params = nbformat.v4.new_code_cell('profile = ""\nrun_dir = ""\nseed = 0\noverrides = {}')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# dry"), params, nbformat.v4.new_code_cell(
+        "from spinmeround_lite.runs import Run\n"
+        "run = Run.open(profile, run_dir, notebook='00_dry', seed=seed, overrides=overrides)\n"
+        "run.record(steps=run.profile.train_steps, res=run.profile.resolution)")]
+    nbformat.write(nb, tmp_path / "00_dry.ipynb")
+    s = course.run_course("gpu", tmp_path / "run", notebooks=[tmp_path / "00_dry.ipynb"], progress=False,
+                          dry_run=True, overrides={"sample_steps": 3})
+    assert s["status"] == "ok", s
+    assert s["notebooks"]["00_dry"]["figures"] == {"steps": 2, "res": 128}
+    assert "NOT results" in s["dry_run"]["banner"] and s["dry_run"]["not_exercised"] == not_exercised("gpu")
+    assert s["overrides"]["sample_steps"] == 3                      # an explicit override wins over the cut
+    executed = nbformat.read(tmp_path / "run" / "notebooks" / "00_dry.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "DRY RUN: gpu sizes" in text and "NOT results" in text
