@@ -240,9 +240,16 @@ def _check_value(key: str, kind: str, value):
 
 def check_overrides(overrides: dict | None) -> dict:
     """The overrides with their values in the field's own type (lists become tuples, ints floats where the field
-    is a float); ``OverrideError`` naming the valid fields for an unknown one, or the type for a wrong value."""
+    is a float); ``OverrideError`` naming the valid fields for an unknown one, or the type for a wrong value. A
+    string is read as JSON (papermill's ``-p overrides '{"batch_size": 8}'``)."""
     if overrides is None:
         return {}
+    if isinstance(overrides, str):          # papermill -p overrides '{"batch_size": 8}' passes the text
+        try:
+            overrides = json.loads(overrides) if overrides.strip() else {}
+        except json.JSONDecodeError as e:
+            raise OverrideError(f"overrides {overrides!r} is not a JSON object ({e}); write it as "
+                                f"'{{\"batch_size\": 8}}'") from None
     if not isinstance(overrides, dict):
         raise OverrideError(f"overrides must be a dict of profile fields and values, e.g. {{\"batch_size\": 8}}; "
                             f"got {type(overrides).__name__} {overrides!r}")

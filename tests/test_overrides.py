@@ -53,9 +53,14 @@ def test_wrong_types_are_refused_naming_the_type(bad):
         check_overrides(bad)
 
 
-def test_overrides_must_be_a_dict():
+def test_overrides_must_be_a_dict_or_its_json():
     with pytest.raises(OverrideError, match="must be a dict"):
         check_overrides([("batch_size", 8)])
+    assert check_overrides('{"batch_size": 8, "unet_channels": [8, 16]}') == {"batch_size": 8,
+                                                                             "unet_channels": (8, 16)}
+    assert check_overrides("") == {}
+    with pytest.raises(OverrideError, match="not a JSON object"):
+        check_overrides("{batch_size: 8}")
 
 
 def test_command_line_values_are_read_by_the_field_type():
@@ -141,14 +146,14 @@ def test_runner_passes_overrides_to_every_notebook(tmp_path):
 
 
 def test_papermill_overrides_reach_a_course_notebook(tmp_path):
-    """The papermill command line on notebook 02 (no data needed): ``-y`` overrides the rig's view count; its
+    """The papermill command line on notebook 02 (no data needed): ``-p overrides`` changes the rig's view count; its
     recorded ``views`` figure follows, the run folder records it, and a second run without it is refused."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", SMR_PROFILE="test", SMR_RUN_DIR=str(run_dir), MPLBACKEND="Agg")
     cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "02_ray_maps.ipynb"),
            str(tmp_path / "02.ipynb"), "-p", "profile", "test", "-p", "run_dir", str(run_dir),
            "--cwd", str(ROOT / "notebooks"), "--no-progress-bar"]
-    r = subprocess.run(cmd + ["-y", "overrides: {views_per_identity: 12}"], capture_output=True, text=True,
+    r = subprocess.run(cmd + ["-p", "overrides", '{"views_per_identity": 12}'], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     figs = json.loads((run_dir / "figures" / "02_ray_maps.json").read_text())
