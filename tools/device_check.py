@@ -1,6 +1,6 @@
 """One prepared check of a CUDA GPU: the course's `gpu` profile, measured in a few minutes, written to one file.
 
-    python tools/device_check.py --out results/gpu          # on a CUDA GPU: the gpu profile (about 5-8 minutes)
+    python tools/device_check.py --out results/gpu          # on a CUDA GPU: the gpu profile (sized for < 8 min)
     python tools/device_check.py --out /tmp/dc --profile test   # anywhere: the same steps at test size (CPU)
 
 Steps, each timed (``stage_seconds``), in a run folder ``<out>/run`` built afresh:
