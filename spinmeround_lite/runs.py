@@ -16,6 +16,7 @@ to a temporary name and renamed, so an interrupted run never leaves a half-writt
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import math
@@ -227,6 +228,16 @@ def claim_run_folder(root: str | os.PathLike, profile: str, overrides: dict | No
     return overrides
 
 
+class _SoftAsserts(ast.NodeTransformer):
+    """``assert test, msg`` -> ``if not (test): _smr_dry_run_check_false("test", msg)`` (dry runs only)."""
+
+    def visit_Assert(self, node: ast.Assert):
+        call = ast.Call(func=ast.Name("_smr_dry_run_check_false", ast.Load()),
+                        args=[ast.Constant(ast.unparse(node.test)[:300]), node.msg or ast.Constant(None)], keywords=[])
+        new = ast.If(test=ast.UnaryOp(ast.Not(), node.test), body=[ast.Expr(call)], orelse=[])
+        return ast.fix_missing_locations(ast.copy_location(new, node))
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +277,27 @@ class Run:
         if run.profile.dry_run:
             from .profiles import DRY_RUN_BANNER
             print("=" * 100 + "\n" + DRY_RUN_BANNER.format(profile=profile) + "\n" + "=" * 100)
+            run._soften_checks()
         seed_everything(seed)
         return run
+
+    # dry runs ----------------------------------------------------------------------------------
+    def _soften_checks(self) -> None:
+        """In a notebook of a dry run, every later ``assert cond, msg`` still evaluates ``cond`` (an exception
+        there still stops the notebook) but a false one is printed and recorded (figure ``dry_run_false_checks``)
+        instead of stopping: at cut counts the quality thresholds cannot hold, the code paths must still run."""
+        try:
+            ip = get_ipython()                                  # noqa: F821 (defined inside IPython only)
+        except NameError:
+            return
+        ip.user_ns["_smr_dry_run_check_false"] = self._dry_run_check_false
+        if not any(isinstance(t, _SoftAsserts) for t in ip.ast_transformers):
+            ip.ast_transformers.append(_SoftAsserts())
+
+    def _dry_run_check_false(self, source: str, message=None) -> None:
+        text = source + (f"  ({str(message)[:300]})" if message is not None else "")
+        print(f"DRY RUN: check false at cut counts (not stopping): assert {text}")
+        self.record(dry_run_false_checks=self.figures().get("dry_run_false_checks", []) + [text])
 
     def __repr__(self) -> str:
         more = f", overrides={_overrides_text(self.overrides)}" if self.overrides else ""

@@ -187,14 +187,18 @@ def test_dry_run_keeps_sizes_cuts_counts_and_says_it_everywhere(tmp_path):
     nb.cells = [nbformat.v4.new_markdown_cell("# dry"), params, nbformat.v4.new_code_cell(
         "from spinmeround_lite.runs import Run\n"
         "run = Run.open(profile, run_dir, notebook='00_dry', seed=seed, overrides=overrides)\n"
-        "run.record(steps=run.profile.train_steps, res=run.profile.resolution)")]
+        "run.record(steps=run.profile.train_steps, res=run.profile.resolution)"),
+        nbformat.v4.new_code_cell("quality = 0.1\nassert quality > 0.8, f'quality {quality}'\nrun.record(after=1)")]
     nbformat.write(nb, tmp_path / "00_dry.ipynb")
     s = course.run_course("gpu", tmp_path / "run", notebooks=[tmp_path / "00_dry.ipynb"], progress=False,
                           dry_run=True, overrides={"sample_steps": 3})
     assert s["status"] == "ok", s
-    assert s["notebooks"]["00_dry"]["figures"] == {"steps": 2, "res": 128}
+    # a false check is printed and recorded, and the notebook goes on
+    assert s["notebooks"]["00_dry"]["figures"] == {"steps": 2, "res": 128, "after": 1,
+                                                   "dry_run_false_checks": ["quality > 0.8  (quality 0.1)"]}
     assert "NOT results" in s["dry_run"]["banner"] and s["dry_run"]["not_exercised"] == not_exercised("gpu")
     assert s["overrides"]["sample_steps"] == 3                      # an explicit override wins over the cut
     executed = nbformat.read(tmp_path / "run" / "notebooks" / "00_dry.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert "DRY RUN: gpu sizes" in text and "NOT results" in text
+    assert "DRY RUN: check false at cut counts (not stopping): assert quality > 0.8" in text
