@@ -1,12 +1,19 @@
 # The two commands of the course: `make course` and `make test`. Both create .venv on first use.
 PROFILE ?= cpu
+# Profile fields changed for this run, e.g. OVERRIDES="batch_size=8 train_steps=100" (see profiles.py).
+OVERRIDES ?=
+SET     := $(if $(strip $(OVERRIDES)),--set $(OVERRIDES))
+# DRY_RUN=1: the profile's sizes with every count cut, on this machine (runs/<profile>-dry-run; not results).
+DRY_RUN ?=
+SET     += $(if $(strip $(DRY_RUN)),--dry-run)
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: course solutions test test-portability test-browser screenshots lint lab clean-notebooks bench help
+.PHONY: course solutions test test-portability test-browser screenshots lint lab clean-notebooks bench device-check help
 
 help:
 	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
+	@echo "make course OVERRIDES=\"batch_size=8\"     the same with profile fields changed (run folder records them)"
 	@echo "make solutions [PROFILE=...]               run the worked solutions in the same run folder"
 	@echo "make test                                  unit tests (+ the float-path guard) + every notebook at the test profile + the browser tests"
 	@echo "make test-browser                          the course in JupyterLab in headless Chromium (tests/browser)"
@@ -22,10 +29,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 course: $(STAMP)
-	$(PY) -m spinmeround_lite.course run --profile $(PROFILE)
+	$(PY) -m spinmeround_lite.course run --profile $(PROFILE) $(SET)
 
 solutions: $(STAMP)
-	$(PY) -m spinmeround_lite.course run --solutions --profile $(PROFILE)
+	$(PY) -m spinmeround_lite.course run --solutions --profile $(PROFILE) $(SET)
 
 # Unit tests, then every notebook and then every worked solution at the test profile (nbmake) in one shared
 # temporary run folder (the solutions reuse the notebooks' artifacts), then the figures check, then the course in
@@ -78,6 +85,10 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m spinmeround_lite.bench
+
+# On a CUDA GPU: the gpu profile measured in a few minutes, written to results/gpu/device_check.json.
+device-check: $(STAMP)
+	$(PY) tools/device_check.py --out results/gpu
 
 clean-notebooks: $(STAMP)
 	$(PY) tools/clean_notebooks.py notebooks/*.ipynb solutions/*.ipynb

@@ -2,6 +2,11 @@
 
     python -m spinmeround_lite.course list [--solutions]
     python -m spinmeround_lite.course run --profile cpu [--out DIR] [--only 00 03] [--fresh] [--solutions]
+                                          [--set batch_size=8 train_steps=100] [--dry-run]
+
+``--set field=value`` (any field of ``profiles.Profile`` but ``name``; repeatable) changes the profile for this
+run: every notebook gets it as its ``overrides`` parameter, and the run folder records it in ``run.json``. A
+run folder built with other values is refused (``--fresh`` or another ``--out`` starts anew).
 
 ``--solutions`` runs ``solutions/NN_*.ipynb`` (the exercises of notebook ``NN`` worked out, each answer checked
 by an ``assert``) in the same run folder, so they reuse the course's artifacts; their entries go to the
@@ -29,8 +34,16 @@ import sys
 import time
 from pathlib import Path
 
-from .profiles import PROFILES
-from .runs import find_repo_root, read_json, write_json
+from .profiles import (
+    DRY_RUN_BANNER,
+    PROFILES,
+    OverrideError,
+    check_overrides,
+    dry_run_overrides,
+    not_exercised,
+    parse_overrides,
+)
+from .runs import RunFolderMismatch, claim_run_folder, clean_figure, find_repo_root, read_json, write_json
 
 # The figures each notebook must record (the course's contract with its issues); the runner lists any missing.
 REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
@@ -156,27 +169,44 @@ def progress_line(i: int, n: int, name: str, entry: dict, width: int = 160) -> s
 
 def run_course(profile: str, out: str | os.PathLike | None = None, only: list[str] | None = None,
                fresh: bool = False, seed: int = 0, timeout: int | None = None,
-               notebooks: list[Path] | None = None, progress: bool = True, solutions: bool = False) -> dict:
-    """Run the notebooks (or, with ``solutions``, their worked solutions) at ``profile``; return the summary
+               notebooks: list[Path] | None = None, progress: bool = True, solutions: bool = False,
+               overrides: dict | None = None, dry_run: bool = False) -> dict:
+    """Run the notebooks (or, with ``solutions``, their worked solutions) at ``profile`` changed by
+    ``overrides`` (profile fields and values, each notebook's ``overrides`` parameter); return the summary
     (also written to ``<out>/summary.json``; solutions under its ``"solutions"`` key)."""
     import papermill as pm
 
     if profile not in PROFILES:
         raise SystemExit(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    try:
+        overrides = check_overrides(overrides)
+        if dry_run:     # the profile's sizes, every count cut; explicit overrides win
+            overrides = check_overrides({**dry_run_overrides(profile), **overrides})
+    except OverrideError as e:
+        raise SystemExit(str(e)) from None
     kind = "solutions" if solutions else "notebooks"
     all_nbs = notebooks if notebooks is not None else list_notebooks(notebooks_dir(kind))
     chosen = select(all_nbs, only)
-    root = Path(out) if out else (find_repo_root(Path(__file__).parent) or Path.cwd()) / "runs" / profile
+    folder = f"{profile}-dry-run" if dry_run else profile
+    root = Path(out) if out else (find_repo_root(Path(__file__).parent) or Path.cwd()) / "runs" / folder
     root = root.resolve()
     if fresh and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        claim_run_folder(root, profile, overrides)          # before any notebook: a mixed folder stops here
+    except RunFolderMismatch as e:
+        raise SystemExit(str(e)) from None
     summary_path = root / "summary.json"
     summary = read_json(summary_path) if summary_path.exists() and not fresh else {}
     summary.update({
-        "profile": profile, "run_dir": str(root), "commit": _commit(), "device": _device_name(),
+        "profile": profile, "overrides": clean_figure(overrides), "run_dir": str(root), "commit": _commit(),
+        "device": _device_name(),
         "python": platform.python_version(), "started": _dt.datetime.now().isoformat(timespec="seconds"),
     })
+    if overrides.get("dry_run"):
+        summary["dry_run"] = {"banner": DRY_RUN_BANNER.format(profile=profile),
+                              "not_exercised": not_exercised(profile)}
     summary.setdefault(kind, {})
     for p in chosen:   # this run's notebooks start pending, in order
         summary[kind][p.stem] = {"status": "pending"}
@@ -186,7 +216,10 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
     os.environ["SMR_PROFILE"], os.environ["SMR_RUN_DIR"] = profile, str(root)
     failed = None
     if progress:
-        print(f"course [{profile}]: {len(chosen)} {kind} in {root}", flush=True)
+        more = f" with overrides {json.dumps(overrides)}" if overrides else ""
+        print(f"course [{profile}]{more}: {len(chosen)} {kind} in {root}", flush=True)
+        if overrides.get("dry_run"):
+            print(DRY_RUN_BANNER.format(profile=profile), flush=True)
     try:
         for i, nb in enumerate(chosen, 1):
             out_nb = root / kind / nb.name
@@ -199,7 +232,8 @@ def run_course(profile: str, out: str | os.PathLike | None = None, only: list[st
             t0 = time.perf_counter()
             try:
                 pm.execute_notebook(
-                    str(nb), str(out_nb), parameters={"profile": profile, "run_dir": str(root), "seed": seed},
+                    str(nb), str(out_nb), parameters={"profile": profile, "run_dir": str(root), "seed": seed,
+                                           "overrides": clean_figure(overrides)},   # tuples as lists
                     cwd=str(nb.parent), kernel_name="python3", progress_bar=False, log_output=False,
                     execution_timeout=timeout, config=kernel_config(),
                 )
@@ -258,14 +292,25 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds (default: none)")
     r.add_argument("--solutions", action="store_true",
                    help="run the worked solutions (solutions/NN_*.ipynb) instead of the notebooks, same run folder")
+    r.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="change profile fields for this run, e.g. --set batch_size=8 train_steps=100 "
+                        "(any field of spinmeround_lite/profiles.py's Profile but name)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="the profile's sizes with every count cut to the least, on this machine (default folder "
+                        "runs/<profile>-dry-run); its figures are not results")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for p in list_notebooks(notebooks_dir("solutions" if args.solutions else "notebooks")):
             print(f"{p.stem:<28} {notebook_title(p)}")
         return 0
+    try:
+        overrides = parse_overrides(args.overrides)
+    except OverrideError as e:
+        ap.exit(2, f"{ap.prog} run: error: {e}\n")
     summary = run_course(args.profile, args.out, args.only, args.fresh, args.seed, args.timeout,
-                         progress=not args.quiet, solutions=args.solutions)
+                         progress=not args.quiet, solutions=args.solutions, overrides=overrides,
+                         dry_run=args.dry_run)
     return 0 if summary["status"] == "ok" else 1
 
 

@@ -4,14 +4,22 @@
 ``cpu``   the whole course in about 20 minutes on 2 CPU cores; after training it starts from the
           course's reference checkpoints (``reference/cpu``) where they are present.
 ``gpu``   one CUDA GPU in about an hour, good quality.
+``colab`` a Colab T4 (15 GB, no bf16): the ``gpu`` model with fp16 autocast and a gradient scaler, fitted to 13 GB.
 ``paper`` the paper's sizes (512 px images, 64x64 latents, SD1.5-shaped UNet); needs external weights and data.
 
 A profile is data, not a code path: add a field here, read it in the module that needs it.
+
+Any field but ``name`` can be changed for one run without editing this file: ``overrides`` (a notebook's
+parameter, ``{"batch_size": 8}``), ``python -m spinmeround_lite.course run --set batch_size=8`` or
+``make course OVERRIDES="batch_size=8"``. ``apply_overrides`` checks each name and type and says which fields
+exist when one does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 from dataclasses import dataclass, field
 
 
@@ -87,6 +95,8 @@ class Profile:
     eval_identities: int = 8
     eval_angles: int = 16
     ablation_steps: int = 300
+    dry_run: bool = False               # sizes of the profile, counts cut to the least (course run --dry-run):
+                                        # every figure of such a run is not a result
     extra: dict = field(default_factory=dict)
 
     @property
@@ -145,6 +155,23 @@ PROFILES: dict[str, Profile] = {
         splat_iters=2000, splat_init_gaussians=20000, splat_res=128,
         eval_identities=40, eval_angles=16, ablation_steps=4000,
     ),
+    "colab": Profile(
+        # a Colab T4 (15 GB, compute capability 7.5, no bf16): the gpu profile's model and images, fp16 autocast
+        # with a gradient scaler, a batch and counts sized for 13 GB and a session of about two hours
+        # (results/colab/memory.json, README "On Colab")
+        name="colab", resolution=128, identities=300, heldout_identities=20, views_per_identity=125,
+        render_chunk=1 << 18,
+        ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=0,
+        id_input_res=64, id_width=32, id_eval_width=48, id_train_steps=1500, id_batch=256,
+        text_hidden=256, text_layers=4, text_heads=4,
+        vae_channels=(64, 128, 128), vae_steps=2000, vae_batch=32, vae_decoder_steps=1000,
+        unet_channels=(128, 256, 256), unet_layers_per_block=2, unet_head_dim=32,
+        views_per_sample=8, train_steps=6000, batch_size=8, checkpoint_every=1000, sample_every=1000,
+        lr=2e-4, ema_decay=0.9995, mixed_precision="fp16",
+        sample_steps=25, spin_views=48,
+        splat_iters=2000, splat_init_gaussians=20000, splat_res=128,
+        eval_identities=20, eval_angles=16, ablation_steps=1500,
+    ),
     "paper": Profile(
         name="paper", resolution=512, identities=7000, heldout_identities=222, views_per_identity=125,
         render_chunk=1 << 21,
@@ -164,10 +191,203 @@ PROFILES: dict[str, Profile] = {
 
 
 def get_profile(name: str | Profile) -> Profile:
-    """Return the profile called ``name`` (``test``, ``cpu``, ``gpu`` or ``paper``)."""
+    """Return the profile called ``name`` (``test``, ``cpu``, ``gpu``, ``colab`` or ``paper``)."""
     if isinstance(name, Profile):
         return name
     try:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides: a profile's fields changed for one run
+# ----------------------------------------------------------------------------------------------
+class OverrideError(ValueError):
+    """An override names no field of ``Profile``, or gives a field a value of the wrong type."""
+
+
+def override_fields() -> dict[str, str]:
+    """Every field an override may set, with its type's name (``int``, ``float``, ``bool``, ``str``, ``tuple``,
+    ``dict``); ``name`` is not one of them (the profile is chosen by name, then changed)."""
+    return {f.name: str(f.type) for f in dataclasses.fields(Profile) if f.name != "name"}
+
+
+def _field_list() -> str:
+    return ", ".join(f"{k} ({t})" for k, t in override_fields().items())
+
+
+def _check_value(key: str, kind: str, value):
+    """``value`` as field ``key`` of type ``kind`` holds it, or ``OverrideError``."""
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "tuple": isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in value),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        what = "a list of integers" if kind == "tuple" else f"a {kind}"
+        raise OverrideError(f"override {key}={value!r} ({type(value).__name__}): {key} takes {what}")
+    if kind == "float":
+        return float(value)
+    if kind == "tuple":
+        return tuple(value)
+    return value
+
+
+def check_overrides(overrides: dict | None) -> dict:
+    """The overrides with their values in the field's own type (lists become tuples, ints floats where the field
+    is a float); ``OverrideError`` naming the valid fields for an unknown one, or the type for a wrong value. A
+    string is read as JSON (papermill's ``-p overrides '{"batch_size": 8}'``)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, str):          # papermill -p overrides '{"batch_size": 8}' passes the text
+        try:
+            overrides = json.loads(overrides) if overrides.strip() else {}
+        except json.JSONDecodeError as e:
+            raise OverrideError(f"overrides {overrides!r} is not a JSON object ({e}); write it as "
+                                f"'{{\"batch_size\": 8}}'") from None
+    if not isinstance(overrides, dict):
+        raise OverrideError(f"overrides must be a dict of profile fields and values, e.g. {{\"batch_size\": 8}}; "
+                            f"got {type(overrides).__name__} {overrides!r}")
+    fields = override_fields()
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), fields, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise OverrideError(f"unknown profile field{'s' if len(unknown) > 1 else ''} in overrides: "
+                            f"{', '.join(hints)}. The fields are: {_field_list()}")
+    return {k: _check_value(k, fields[k], v) for k, v in overrides.items()}
+
+
+def apply_overrides(profile: "str | Profile", overrides: dict | None) -> Profile:
+    """``profile`` (a name or a ``Profile``) with ``overrides`` applied, each name and type checked."""
+    return get_profile(profile).replace(**check_overrides(overrides))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """One ``field=value`` of the command line, the value read by the field's type: ``batch_size=8``,
+    ``lr=1e-4``, ``use_reference=false``, ``unet_channels=64,128,128``, ``vae_pretrained=weights/sd15-vae``,
+    ``extra={"model": "released"}`` (JSON)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise OverrideError(f"--set {text!r}: write field=value, e.g. --set batch_size=8")
+    fields = override_fields()
+    if key not in fields:
+        check_overrides({key: None})                    # raises, naming the fields
+    kind = fields[key]
+    try:
+        if kind == "int":
+            return key, int(raw)
+        if kind == "float":
+            return key, float(raw)
+        if kind == "bool":
+            low = raw.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return key, low in ("true", "1", "yes")
+        if kind == "tuple":
+            if raw.startswith("["):
+                return key, _check_value(key, kind, json.loads(raw))
+            return key, tuple(int(v) for v in raw.strip("()").split(",") if v.strip())
+        if kind == "dict":
+            return key, _check_value(key, kind, json.loads(raw))
+        return key, raw
+    except (ValueError, json.JSONDecodeError):
+        example = {"int": "8", "float": "0.0002", "bool": "true", "tuple": "64,128,128",
+                   "dict": '{"key": "value"}'}[kind]
+        raise OverrideError(f"--set {text!r}: {key} takes a {kind} (e.g. {key}={example})") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["batch_size=8", "train_steps=100"]`` (the command line's ``--set``) as a checked overrides dict."""
+    return check_overrides(dict(parse_override(t) for t in (items or [])))
+
+
+def profile_differences(a: Profile, b: Profile) -> list[str]:
+    """``field: a-value != b-value`` for every field where two profiles differ (``name`` included)."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db[k]]
+
+
+# ----------------------------------------------------------------------------------------------
+# picking a profile for the machine (the notebooks' set-up cell, when ``profile`` is left empty)
+# ----------------------------------------------------------------------------------------------
+LARGE_GPU_GIB = 20.0     # below this much GPU memory, or without bf16, a GPU gets ``colab`` instead of ``gpu``
+
+
+def profile_for_device(name: str | None, memory_gib: float | None, bf16: bool | None) -> tuple[str, str]:
+    """(profile, why) for a CUDA device (``name``, total memory, bf16 support), or ``cpu`` when ``name`` is None.
+
+    A T4 (15 GB, no bf16) or any GPU under ``LARGE_GPU_GIB`` or without bf16 gets ``colab`` (fp16 with a gradient
+    scaler, sized for 13 GB); a larger bf16 GPU gets ``gpu``."""
+    if name is None:
+        return "cpu", "no CUDA GPU"
+    if not bf16 or (memory_gib or 0) < LARGE_GPU_GIB:
+        why = "no bf16" if not bf16 else f"{memory_gib:.0f} GiB < {LARGE_GPU_GIB:.0f} GiB"
+        return "colab", f"{name}, {memory_gib:.0f} GiB, {why}"
+    return "gpu", f"{name}, {memory_gib:.0f} GiB, bf16"
+
+
+def pick_profile(profile: str = "", verbose: bool = True) -> str:
+    """``profile`` when given, else ``$SMR_PROFILE``, else the profile for this machine's GPU
+    (``profile_for_device``); printed when picked here."""
+    import os
+
+    if profile or os.environ.get("SMR_PROFILE"):
+        return profile or os.environ["SMR_PROFILE"]
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        picked, why = profile_for_device(props.name, props.total_memory / 2 ** 30, torch.cuda.is_bf16_supported())
+    else:
+        picked, why = profile_for_device(None, None, None)
+    if verbose:
+        print(f"profile left empty: {picked!r} for this machine ({why})")
+    return picked
+
+
+# ----------------------------------------------------------------------------------------------
+# the dry run: a profile's sizes, every count cut to the least that runs the code (course run --dry-run)
+# ----------------------------------------------------------------------------------------------
+DRY_RUN_BANNER = ("DRY RUN: {profile} sizes with every count cut to the least (a few identities, two training "
+                  "steps, two sampler steps, one evaluation head); its figures are NOT results.")
+
+
+def dry_run_overrides(profile: "str | Profile") -> dict:
+    """Overrides that keep ``profile``'s sizes (image and latent resolution, model widths and depths, views per
+    sample, rig views, its 16-bit autocast where the CPU has it) and cut every count: identities, training and
+    sampler steps, batch, evaluation heads and angles, splatting iterations."""
+    p = get_profile(profile)
+    o = {"dry_run": True, "identities": 6, "heldout_identities": 2, "extra_train_identities": 0,
+         "extra_heldout_identities": 0, "id_train_steps": 2, "id_batch": min(p.id_batch, 32),
+         "vae_steps": 2, "vae_batch": 2, "vae_decoder_steps": 2 if p.vae_decoder_steps else 0,
+         "train_steps": 2, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "sample_every": 2,
+         "stage1_fraction": 0.5, "use_reference": False, "sample_steps": 2, "spin_views": 16, "check_heads": 1,
+         "splat_iters": 10, "splat_init_gaussians": min(p.splat_init_gaussians, 1000), "eval_identities": 1,
+         "eval_angles": 4, "ablation_steps": 2}
+    if p.mixed_precision in ("auto", "bf16"):
+        o["mixed_precision"] = "bf16"          # what the profile uses on a bf16 GPU, through CPU autocast
+    return o
+
+
+def not_exercised(profile: "str | Profile") -> list[str]:
+    """What a dry run of ``profile`` on the CPU does not run, each with the CPU path that ran instead."""
+    p = get_profile(profile)
+    out = ["gsplat's CUDA rasterizer: the course's PyTorch renderer (splat.rasterize backend='torch') ran",
+           "CUDA kernels of attention (flash / memory-efficient scaled_dot_product_attention): the CPU kernel ran",
+           "CUDA sphere tracing of the heads: the same renderer on the CPU",
+           "memory at the profile's batch: batch 1 ran (python -m spinmeround_lite.memory estimates the full batch)",
+           "several processes (accelerate launch): one CPU process"]
+    if p.mixed_precision == "fp16":
+        out.insert(1, "fp16 autocast with a gradient scaler (CUDA only): float32 ran")
+    elif p.mixed_precision in ("auto", "bf16"):
+        out.insert(1, "bf16 autocast on CUDA: bf16 autocast on the CPU ran (accelerate mixed_precision='bf16')")
+    return out

@@ -74,11 +74,14 @@ CHECKPOINT_FORMAT = "spinmeround-lite/train-checkpoint-v1"
 # settings read from the profile
 # ----------------------------------------------------------------------------------------------
 def mixed_precision(profile: Profile, device: torch.device | str) -> str:
-    """``profile.mixed_precision`` resolved: ``"auto"`` is bf16 on CUDA devices that support it, else ``"no"``."""
+    """``profile.mixed_precision`` resolved: ``"auto"`` is bf16 on CUDA devices that support it, else ``"no"``;
+    ``"fp16"`` (fp16 autocast with a gradient scaler, for GPUs without bf16 such as the T4) is ``"no"`` off CUDA."""
     mp = profile.mixed_precision
+    dev = torch.device(device)
+    if mp == "fp16" and dev.type != "cuda":
+        return "no"
     if mp != "auto":
         return mp
-    dev = torch.device(device)
     return "bf16" if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 

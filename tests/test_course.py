@@ -65,8 +65,18 @@ def _parameter_names(nb) -> set[str]:
     import ast
     cell = next(c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", []))
     body = ast.parse(cell.source).body
-    assert all(isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) for n in body), cell.source
+    assert all(isinstance(n, ast.Assign) and _is_literal(n.value) for n in body), cell.source
     return {t.id for n in body for t in n.targets}
+
+
+def _is_literal(node) -> bool:
+    """A plain literal papermill can replace: a constant, or a dict/list of them (``overrides = {}``)."""
+    import ast
+    try:
+        ast.literal_eval(node)
+    except ValueError:
+        return False
+    return isinstance(node, (ast.Constant, ast.Dict, ast.List))
 
 
 def test_solutions_answer_every_notebook_and_run_like_the_course():
@@ -87,7 +97,10 @@ def test_solutions_answer_every_notebook_and_run_like_the_course():
         assert text.count("assert ") >= 3, f"{p.name}: every answer checks itself with an assert"
         names = _parameter_names(nb)        # the course's three, and only what the answered notebook has
         of_notebook = _parameter_names(nbformat.read(ROOT / "notebooks" / p.name, as_version=4))
-        assert {"profile", "run_dir", "seed"} <= names <= of_notebook, f"{p.name}: parameters {sorted(names)}"
+        assert {"profile", "run_dir", "seed", "overrides"} <= names <= of_notebook, \
+            f"{p.name}: parameters {sorted(names)}"
+        assert f'notebook="solutions_{p.stem[:2]}", seed=seed, overrides=overrides)' in text, \
+            f"{p.name}: Run.open must get the overrides parameter"
         answers = text.split("## Exercise ")[1:]
         assert all("assert " in a for a in answers), f"{p.name}: an exercise without an assert"
 
@@ -120,7 +133,10 @@ def test_committed_notebooks_have_no_outputs_and_one_parameters_cell():
         tree = compile(params[0].source, p.name, "exec", flags=0x400)  # ast.PyCF_ONLY_AST
         import ast
         for node in tree.body:
-            assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant), \
+            assert isinstance(node, ast.Assign) and _is_literal(node.value), \
                 f"{p.name}: parameters cell must hold plain literals"
+        assert {"profile", "run_dir", "seed", "overrides"} <= _parameter_names(nb), p.name
         text = "\n".join(c.source for c in nb.cells)
+        assert f'notebook="{p.stem}", seed=seed, overrides=overrides)' in text, \
+            f"{p.name}: Run.open must get the overrides parameter"
         assert "## Summary" in text and "## Exercises" in text, f"{p.name} lacks Summary/Exercises"
