@@ -311,15 +311,15 @@ def distill(run: Run, steps: int = 3000, out: str | os.PathLike | None = None, k
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema.update(student, step)
-        losses.append(float(loss))
+        losses.append(loss.item())
         dt = time.perf_counter() - t0
         t_run += dt
         n_done += 1
         with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step + 1, "loss": float(loss), "segment": b["j"],
+            f.write(json.dumps({"step": step + 1, "loss": losses[-1], "segment": b["j"],
                                 "kind": "A" if b["mask"].shape[1] == 1 else "BC", "seconds": round(dt, 3)}) + "\n")
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}", s_step=f"{t_run / n_done:.2f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", s_step=f"{t_run / n_done:.2f}")
         done = step + 1
         if grid is not None and (done % sample_every == 0 or done == steps):
             _save_grids(student, ema, teacher, grid, out / "samples" / f"step_{done:07d}.png", run.seed)
