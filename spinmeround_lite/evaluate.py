@@ -1053,14 +1053,15 @@ SAMPLER_METRICS = ("l2", "ssim", "id_sim_eval", "normal_angle_err_deg")
 def evaluate_samplers(run: Run, configs: Iterable[tuple[str, int | None]], n_identities: int | None = None,
                       n_angles: int | None = None, reference: tuple[str, int | None] = ("euler", None),
                       parts=None, cases: list[EvalCase] | None = None, encoders: dict | None = None,
-                      seed: int | None = None, progress: bool = True) -> dict:
+                      seed: int | None = None, progress: bool = True, previous: dict | None = None) -> dict:
     """Every ``(sampler, steps)`` of ``configs`` on the same held-out heads and seeds (the protocol of
     ``evaluate_all``), each against ``reference`` (the profile's Euler spin) with 95 % paired bootstrap intervals.
 
     -> ``{"protocol", "rows": {name: {sampler, steps, network_calls, view_evaluations (per spin of the protocol's
     views, mean over heads), seconds (per head), l2, ssim, id_sim_eval, normal_angle_err_deg, minus_reference:
     {metric: {"mean", "ci95"}}}}, "reference": name}``. A sampler that cannot run (no student) gets a row with
-    its reason.
+    its reason. ``tables`` holds every row's identity x angle tables of those metrics, so that ``previous`` (an
+    earlier result of the same protocol, heads and seed) can be extended: its rows are kept and not sampled again.
     """
     from .spinning import SamplerError, SpinParts
 
@@ -1072,8 +1073,20 @@ def evaluate_samplers(run: Run, configs: Iterable[tuple[str, int | None]], n_ide
     label = lambda c: f"{c[0]}{c[1] or parts.profile.sample_steps}" if c[0] != "student" else \
         f"student{c[1] or ''}"
     rows, results = {}, {}
+    if previous:
+        protocol = protocol_info(run, cases)
+        for k in ("identities", "n_angles"):
+            if previous["protocol"].get(k) != protocol[k]:
+                raise ValueError(f"the previous result measured other {k} ({previous['protocol'].get(k)}) than "
+                                 f"these ({protocol[k]}): it cannot be extended")
+        if previous.get("seed", seed) != seed:
+            raise ValueError(f"the previous result used seed {previous.get('seed')}, not {seed}")
+        rows.update(previous["rows"])
+        results.update({n: {"table": t} for n, t in previous.get("tables", {}).items()})
     for cfg in [reference, *[c for c in configs if tuple(c) != tuple(reference)]]:
         name = label(cfg)
+        if name in results:
+            continue
         work: list = []
         try:
             res = evaluate_method(cases, model_method(parts, FULL, seed, cfg[1], sampler=cfg[0], work=work),
@@ -1096,7 +1109,10 @@ def evaluate_samplers(run: Run, configs: Iterable[tuple[str, int | None]], n_ide
                                          for m, d in diff.items()}
         rows[name]["view_evaluation_ratio"] = rows[name]["view_evaluations"] / rows[label(reference)][
             "view_evaluations"]
-    return {"protocol": protocol_info(run, cases), "reference": label(reference), "rows": rows}
+        rows[name]["seconds_ratio"] = rows[name]["seconds"] / rows[label(reference)]["seconds"]
+    tables = {n: {m: r["table"][m] for m in SAMPLER_METRICS if m in r.get("table", {})} for n, r in results.items()}
+    return {"protocol": protocol_info(run, cases), "reference": label(reference), "seed": seed, "rows": rows,
+            "tables": tables}
 
 
 def _steps_of(parts, cfg) -> int:

@@ -29,13 +29,16 @@ def main() -> int:
     ap.add_argument("--angles", type=int, default=None, help="angles per head (default: the profile's, 16)")
     ap.add_argument("--configs", nargs="+", default=["euler:8", "dpm2m:4", "dpm2m:8", "student"])
     ap.add_argument("--out", default="", help="write the JSON here (e.g. results/cpu/few_steps.json)")
+    ap.add_argument("--extend", action="store_true",
+                    help="keep the rows already in --out (same heads, angles, seed) and measure only the new configs")
     a = ap.parse_args()
     run = Run.open(a.profile, a.run_dir, notebook="12_fewer_steps_cli")
     configs = [(c.split(":")[0], int(c.split(":")[1]) if ":" in c else None) for c in a.configs]
     t0 = time.time()
-    res = evaluate_samplers(run, configs, a.identities, a.angles)
-    res["command"] = "python tools/few_steps.py " + " ".join(sys.argv[1:])
-    res["seconds"] = time.time() - t0
+    previous = json.loads(Path(a.out).read_text()) if a.extend and a.out and Path(a.out).exists() else None
+    res = evaluate_samplers(run, configs, a.identities, a.angles, previous=previous)
+    res["commands"] = (previous or {}).get("commands", []) + ["python tools/few_steps.py " + " ".join(sys.argv[1:])]
+    res["seconds"] = (previous or {}).get("seconds", 0.0) + time.time() - t0
     for name, r in res["rows"].items():
         d = r.get("minus_reference") or {}
         def fmt(m):
