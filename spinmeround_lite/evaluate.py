@@ -1083,7 +1083,8 @@ def evaluate_samplers(run: Run, configs: Iterable[tuple[str, int | None]], n_ide
             raise ValueError(f"the previous result used seed {previous.get('seed')}, not {seed}")
         rows.update(previous["rows"])
         results.update({n: {"table": t} for n, t in previous.get("tables", {}).items()})
-    for cfg in [reference, *[c for c in configs if tuple(c) != tuple(reference)]]:
+    todo = [c for c in configs if reference is None or tuple(c) != tuple(reference)]
+    for cfg in ([] if reference is None else [reference]) + todo:
         name = label(cfg)
         if name in results:
             continue
@@ -1100,19 +1101,46 @@ def evaluate_samplers(run: Run, configs: Iterable[tuple[str, int | None]], n_ide
                       "view_evaluations": float(np.mean([w["network"]["total"]["view_evaluations"] for w in work])),
                       "seconds": float(np.mean([w["seconds"] for w in work])),
                       **{m: res[m] for m in SAMPLER_METRICS}}
-    ref = results.get(label(reference))
-    for name, res in results.items():
-        if ref is None or name == label(reference):
+    tables = {n: {m: r["table"][m] for m in SAMPLER_METRICS if m in r.get("table", {})} for n, r in results.items()}
+    out = {"protocol": protocol_info(run, cases), "reference": None if reference is None else label(reference),
+           "seed": seed, "rows": rows, "tables": tables}
+    return out if reference is None else against_reference(out, label(reference))
+
+
+def against_reference(result: dict, reference: str) -> dict:
+    """Add ``minus_reference`` (95 % paired bootstrap over heads), ``view_evaluation_ratio`` and ``seconds_ratio``
+    to every row of an ``evaluate_samplers`` result against its row ``reference``."""
+    tables, rows = result["tables"], result["rows"]
+    if reference not in tables:
+        raise ValueError(f"no row {reference!r} with tables to compare against; rows: {sorted(tables)}")
+    ref = {"table": tables[reference]}
+    for name in tables:
+        if name == reference:
             continue
-        diff = compare(res, ref, SAMPLER_METRICS, seed=0)
+        diff = compare({"table": tables[name]}, ref, SAMPLER_METRICS, seed=0)
         rows[name]["minus_reference"] = {m: ({"mean": d["mean"], "ci95": d["ci95"]} if d else None)
                                          for m, d in diff.items()}
-        rows[name]["view_evaluation_ratio"] = rows[name]["view_evaluations"] / rows[label(reference)][
-            "view_evaluations"]
-        rows[name]["seconds_ratio"] = rows[name]["seconds"] / rows[label(reference)]["seconds"]
-    tables = {n: {m: r["table"][m] for m in SAMPLER_METRICS if m in r.get("table", {})} for n, r in results.items()}
-    return {"protocol": protocol_info(run, cases), "reference": label(reference), "seed": seed, "rows": rows,
-            "tables": tables}
+        rows[name]["view_evaluation_ratio"] = rows[name]["view_evaluations"] / rows[reference]["view_evaluations"]
+        rows[name]["seconds_ratio"] = rows[name]["seconds"] / rows[reference]["seconds"]
+    return dict(result, reference=reference)
+
+
+def merge_sampler_results(parts: list[dict], reference: str) -> dict:
+    """Several ``evaluate_samplers`` results of the same protocol, heads and seed (e.g. one process per sampler)
+    as one, compared with the row ``reference``."""
+    first = parts[0]
+    for p in parts[1:]:
+        for k in ("identities", "n_angles"):
+            if p["protocol"].get(k) != first["protocol"].get(k):
+                raise ValueError(f"cannot merge results of other {k}: {p['protocol'].get(k)} vs "
+                                 f"{first['protocol'].get(k)}")
+        if p.get("seed") != first.get("seed"):
+            raise ValueError("cannot merge results of different seeds")
+    merged = dict(first, rows={}, tables={})
+    for p in parts:
+        merged["rows"].update(p["rows"])
+        merged["tables"].update(p["tables"])
+    return against_reference(merged, reference)
 
 
 def _steps_of(parts, cfg) -> int:

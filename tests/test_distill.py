@@ -76,6 +76,8 @@ def test_distill_resumes_exports_and_loads(run, teacher, tmp_path):
     first = D.distill(run, steps=4, out=out, k=2, substeps=1, checkpoint_every=2, sample_every=0, progress=False,
                       stop_after=2, teacher=teacher)
     assert not first["finished"] and first["steps"] == 2
+    early = D.export_student(out, tmp_path / "early", "test")             # a running distillation: newest checkpoint
+    assert D.student_info(D.load_student(early, "test"))["distill_steps"] == 2
     again = D.distill(run, steps=4, out=out, k=2, substeps=1, checkpoint_every=2, sample_every=0, progress=False,
                       teacher=teacher)
     assert again["finished"] and again["steps"] == 4 and again["steps_this_call"] == 2

@@ -31,14 +31,36 @@ def main() -> int:
     ap.add_argument("--out", default="", help="write the JSON here (e.g. results/cpu/few_steps.json)")
     ap.add_argument("--extend", action="store_true",
                     help="keep the rows already in --out (same heads, angles, seed) and measure only the new configs")
+    ap.add_argument("--previous", default="", help="with --extend: read the earlier result from here instead of --out")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="measure only --configs (no reference row); --merge compares them later")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="merge these result files (same heads and seed) into --out, against --reference")
+    ap.add_argument("--reference", default="euler20", help="with --merge: the row the others are compared with")
     a = ap.parse_args()
     run = Run.open(a.profile, a.run_dir, notebook="12_fewer_steps_cli")
     configs = [(c.split(":")[0], int(c.split(":")[1]) if ":" in c else None) for c in a.configs]
     t0 = time.time()
-    previous = json.loads(Path(a.out).read_text()) if a.extend and a.out and Path(a.out).exists() else None
-    res = evaluate_samplers(run, configs, a.identities, a.angles, previous=previous)
+    if a.merge:
+        from spinmeround_lite.evaluate import merge_sampler_results
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        res = merge_sampler_results(parts, a.reference)
+        res["commands"] = sum((p.get("commands", []) for p in parts), []) + [
+            "python tools/few_steps.py " + " ".join(sys.argv[1:])]
+        res["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
+        _report(res, a.out)
+        return 0
+    prev_path = Path(a.previous or a.out) if a.extend else None
+    previous = json.loads(prev_path.read_text()) if prev_path is not None and prev_path.exists() else None
+    res = evaluate_samplers(run, configs, a.identities, a.angles, previous=previous,
+                            reference=None if a.no_reference else ("euler", None))
     res["commands"] = (previous or {}).get("commands", []) + ["python tools/few_steps.py " + " ".join(sys.argv[1:])]
     res["seconds"] = (previous or {}).get("seconds", 0.0) + time.time() - t0
+    _report(res, a.out)
+    return 0
+
+
+def _report(res: dict, out: str) -> None:
     for name, r in res["rows"].items():
         d = r.get("minus_reference") or {}
         def fmt(m):
@@ -46,12 +68,11 @@ def main() -> int:
         print(f"{name:12s} calls {r.get('network_calls')} views {r.get('view_evaluations')} "
               f"s {r.get('seconds', 0):.1f} l2 {r.get('l2')} ssim {r.get('ssim')}{fmt('ssim')}{fmt('l2')}"
               f"{r.get('unavailable', '')}")
-    if a.out:
-        write_json(a.out, res)
-        print("written", a.out)
+    if out:
+        write_json(out, res)
+        print("written", out)
     else:
         print(json.dumps(res["rows"], indent=1))
-    return 0
 
 
 if __name__ == "__main__":
