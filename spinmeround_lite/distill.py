@@ -369,7 +369,7 @@ def _save_grids(student, ema, teacher, grid, path: Path, seed: int) -> Path:
 
 
 def export_student(out: str | os.PathLike, dest: str | os.PathLike, profile: Profile | str,
-                   note: str = "", command: str = "") -> Path:
+                   note: str = "", command: str = "", run_dir: str | os.PathLike | None = None) -> Path:
     """Copy a distillation folder's student to ``dest`` in float16 (finished: its saved EMA weights; still running:
     its newest checkpoint's EMA), with ``config.json`` (its ``student`` entry), ``loss.png``, ``manifest.json`` and
     ``COMPLETE`` last."""
@@ -395,11 +395,16 @@ def export_student(out: str | os.PathLike, dest: str | os.PathLike, profile: Pro
         config["student"] = {"steps": d["steps"], "sigmas": d["sigmas"], "cfg_scale": d["cfg_scale"],
                              "teacher": d["teacher"], "substeps": d["substeps"], "distill_steps": step,
                              "method": "segment distillation with guidance folded in"}
-    losses = []
+    losses, ts = [], {}
     ts_files = sorted(out.glob("checkpoints/step_*/trainer_state.json"))
     if ts_files:
         ts = read_json(ts_files[-1])
         losses = ts.get("losses", [])
+    d = config.get("distill", {})
+    where = f"--run-dir {run_dir} " if run_dir else ""
+    train_command = (f"OMP_NUM_THREADS=1 python -m spinmeround_lite.distill --profile {p.name} {where}--out {out} "
+                     f"--steps {ts.get('total_steps', step)} --student-steps {d.get('steps')} "
+                     f"--substeps {d.get('substeps')} --batch-size {d.get('batch_size')} --lr {d.get('lr')}")
     with atomic_folder(dest) as tmp:
         save_checkpoint(tmp, {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, config)
         if (out / "loss.png").exists():
@@ -409,7 +414,9 @@ def export_student(out: str | os.PathLike, dest: str | os.PathLike, profile: Pro
             "exported": dt.datetime.now().isoformat(timespec="seconds"),
             "final_loss_mean_last_100": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None,
             "machine": "x86_64 CPU, 1 torch thread, no GPU" if not torch.cuda.is_available() else "CUDA GPU",
-            "command": command, "note": note})
+            "command": train_command, "resume": f"{train_command}  (the same command continues from the newest "
+                                                "checkpoint in --out; add --export to copy the student when done)",
+            "export_command": command, "seconds_last_call": ts.get("seconds_this_call"), "note": note})
         Run.mark_complete(tmp, {"step": step, "dtype": "float16"})
     return dest
 
@@ -450,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                       stop_after=args.stop_after)
         print(json.dumps(res, indent=1))
     if args.export:
-        print("exported to", export_student(out, args.export, run.profile, args.note, command))
+        print("exported to", export_student(out, args.export, run.profile, args.note, command, args.run_dir or None))
     return 0
 
 
