@@ -3,7 +3,8 @@
     python -m spinmeround_lite.bench [--profile cpu|gpu] [--out results/<device>/] [--paper]
 
 Rows: the device's measured matmul peak; training samples/s and model FLOPs utilisation (MFU) against that peak;
-a 48-view spin's wall time and its UNet evaluations; fused vs naive 3D attention (time, peak memory) across view
+a 48-view spin's wall time, network calls and view evaluations (the profile's Euler spin and the fast one, in the same
+process); fused vs naive 3D attention (time, peak memory) across view
 counts; the PyTorch splatting renderer vs gsplat; procedural render views/s. On a CUDA machine ``--paper`` also
 builds the paper's model (SD1.5-shaped UNet, 8 views, 64x64 latents, 153 input channels) with random weights,
 finds the largest batch that fits, and turns a training step's time into GPU-days for the paper's 1.6M iterations.
@@ -130,22 +131,6 @@ def training_speed(profile, device: torch.device, batch: int | None = None, step
     return out
 
 
-class _CountingModel(torch.nn.Module):
-    """Wraps a SpinModel and counts ``denoise`` calls and the views they carry (UNet evaluations)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls, self.view_evals = model, 0, 0
-
-    def denoise(self, x, *args, **kw):
-        self.calls += 1
-        self.view_evals += x.shape[0] * x.shape[1]
-        return self.model.denoise(x, *args, **kw)
-
-    def forward(self, *a, **kw):
-        return self.denoise(*a, **kw)
-
-
 class _RandomCodec:
     """A stand-in autoencoder of the right shapes (speed only): average-pool down, nearest up."""
 
@@ -165,24 +150,66 @@ class _RandomEncoder:
         return torch.nn.functional.normalize(img.flatten(1)[:, :512].float(), dim=-1)
 
 
-def spin_speed(profile, device: torch.device, n_views: int = 48) -> dict:
-    """Wall time and UNet evaluations of a ``n_views`` spin (random weights, the profile's steps and CFG)."""
+def spin_speed(profile, device: torch.device, n_views: int = 48, sampler: str = "euler",
+               steps: int | None = None) -> dict:
+    """Wall time, network calls and view evaluations of a ``n_views`` spin (random weights).
+
+    ``sampler``/``steps`` as ``spin`` takes them (default: Euler with the profile's steps and CFG); ``student``
+    times the same network as a student of ``steps`` steps (default 4) with guidance folded in (its weights do not
+    change the time). The counts come from ``spin``'s own ``sampling.NetworkCounter`` (per step A, B, C and in
+    total); ``seconds_network`` is the time spent inside the network's forward, the rest (``seconds_other``) is the
+    autoencoder, identity encoder, ray maps and the sampler's own arithmetic.
+    """
     from .model import SpinModel
     from .spinning import SpinParts, spin
 
-    model = _CountingModel(SpinModel.from_profile(profile, pretrained=False).to(device).eval())
-    parts = SpinParts(model, _RandomCodec(profile, device), _RandomEncoder(), profile, "random")
+    model = SpinModel.from_profile(profile, pretrained=False).to(device).eval()
+    student = None
+    if sampler == "student":
+        from .distill import as_student
+        student = as_student(SpinModel.from_profile(profile, pretrained=False).to(device).eval(), profile,
+                             steps or 4)
+        steps = None
+    parts = SpinParts(model, _RandomCodec(profile, device), _RandomEncoder(), profile, "random", student,
+                      "random" if student is not None else "")
+    net = (student or model).unet
+    spent = {"t": 0.0}
+
+    def pre(*_):
+        _sync(device)
+        spent["t0"] = time.perf_counter()
+
+    def post(*_):
+        _sync(device)
+        spent["t"] += time.perf_counter() - spent["t0"]
+
     img = torch.ones(3, profile.resolution, profile.resolution)
     dtype = compute_dtype(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        spin(img, n_views=n_views, parts=parts, align=False, progress=False)     # warm-up (kernels, allocator)
-        model.calls = model.view_evals = 0
+        spin(img, n_views=n_views, parts=parts, align=False, progress=False, sampler=sampler, steps=steps)  # warm-up
+        handles = [net.register_forward_pre_hook(pre), net.register_forward_hook(post)]
         _sync(device)
         t0 = time.perf_counter()
-        spin(img, n_views=n_views, parts=parts, align=False, progress=False)
+        res = spin(img, n_views=n_views, parts=parts, align=False, progress=False, sampler=sampler, steps=steps)
         _sync(device)
-    return {"views": n_views, "seconds": time.perf_counter() - t0, "denoiser_calls": model.calls,
-            "view_evaluations": model.view_evals, "steps": profile.sample_steps}
+        seconds = time.perf_counter() - t0
+        for h in handles:
+            h.remove()
+    net_counts = res.info["network"]
+    return {"views": n_views, "sampler": res.info["sampler"], "steps": res.info["steps"], "seconds": seconds,
+            "seconds_network": spent["t"], "seconds_other": seconds - spent["t"],
+            "network_calls": net_counts["total"]["calls"],
+            "view_evaluations": net_counts["total"]["view_evaluations"],
+            "per_step": {k: v for k, v in net_counts.items() if k != "total"}}
+
+
+def spin_rows(profile, device: torch.device, n_views: int = 48,
+              fast: tuple[str, int] = ("student", 4)) -> dict:
+    """The 20-step (profile's) Euler spin and the recommended fast spin, in the same process, and their ratios."""
+    slow = spin_speed(profile, device, n_views)
+    quick = spin_speed(profile, device, n_views, sampler=fast[0], steps=fast[1])
+    return {"euler": slow, "fast": quick, "speedup": slow["seconds"] / quick["seconds"],
+            "view_evaluation_ratio": quick["view_evaluations"] / slow["view_evaluations"]}
 
 
 def attention_rows(device: torch.device, views=(1, 2, 4, 8), latent_res: int = 32, heads: int = 4,
@@ -278,7 +305,7 @@ def run_bench(profile_name: str | None = None, device: str | None = None, paper:
     if "train" in rows:
         res["training"] = training_speed(profile, dev, peak=res.get("matmul_peak", {}).get("flops_per_s"))
     if "spin" in rows:
-        res["spin"] = spin_speed(profile, dev, n_views=48)
+        res["spin"] = spin_rows(profile, dev, n_views=48)
     if "attention" in rows:
         res["attention"] = attention_rows(dev)
     if "splat" in rows:
@@ -312,9 +339,15 @@ def format_table(r: dict) -> str:
         if "mfu" in t:
             lines.append(f"| training MFU vs measured peak | {100 * t['mfu']:.1f} % |")
     if "spin" in r:
-        s = r["spin"]
-        lines.append(f"| {s['views']}-view spin ({s['steps']} steps) | {f(s['seconds'])} s, "
-                     f"{s['denoiser_calls']} denoiser calls, {s['view_evaluations']} view evaluations |")
+        sp = r["spin"]
+        for s in (sp["euler"], sp["fast"]):
+            per = ", ".join(f"{k} {v['calls']}/{v['view_evaluations']}" for k, v in s["per_step"].items())
+            lines.append(f"| {s['views']}-view spin, {s['sampler']} {s['steps']} steps | {f(s['seconds'])} s "
+                         f"(network {f(s['seconds_network'])} s, rest {f(s['seconds_other'])} s), "
+                         f"{s['network_calls']} network calls, {s['view_evaluations']} view evaluations "
+                         f"(calls/views per step: {per}) |")
+        lines.append(f"| fast spin against the {sp['euler']['steps']}-step spin | {sp['speedup']:.1f}x faster, "
+                     f"{100 * sp['view_evaluation_ratio']:.1f} % of the view evaluations |")
     for a in r.get("attention", []):
         lines.append(f"| attention {a['views']} views x {a['tokens'] // a['views']} tokens: fused / naive | "
                      f"{f(a['fused_s'] * 1e3)} ms / {f(a['naive_s'] * 1e3)} ms ({a['speedup']:.1f}x), memory "

@@ -64,6 +64,8 @@ REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
     "10_your_photo": ("photo_faces_found", "photo_align_backend", "photo_id_distance_by_yaw",
                       "procedural_face_detection_rate"),
     "11_the_real_model": ("weights_present", "missing_files", "released_model_ran", "released_keys_mapped"),
+    "12_fewer_steps": ("view_evals_per_spin_euler20", "view_evals_per_spin_fast", "spin_seconds_euler20",
+                       "spin_seconds_fast", "fast_minus_euler20_ssim", "fast_minus_euler20_l2"),
 }
 
 

@@ -437,7 +437,7 @@ def _chunks_around(yaws: torch.Tensor, size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0, steps: int | None = None,
-                  cfg_scale: float | None = None) -> dict:
+                  cfg_scale: float | None = None, sampler: str = "euler") -> dict:
     """Generated views of ``case`` at its angles with the model in ``parts`` (``spin.SpinParts``).
 
     ``variant`` = ``FULL``: exactly ``spin.spin`` on the frontal input (step A normals, step B anchors, step C
@@ -445,11 +445,22 @@ def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0,
     ``normals=False``: no step A (the input's normal latent is zero) and no normal maps out.
     ``use_input=False``: the views are sampled from the identity alone, ``profile.views_per_sample`` at a time,
     spread around the head (the model never saw a conditioning view).
-    Returns rgb (A,3,H,W), normal (A,3,H,W) unit vectors or None, normal_reason.
+    ``sampler`` (with ``steps``, ``cfg_scale``): as ``spin`` takes it (``spinning.plan_sampler``).
+    Returns rgb (A,3,H,W), normal (A,3,H,W) unit vectors or None, normal_reason, and ``network`` (calls and view
+    evaluations, ``sampling.NetworkCounter``) and ``seconds``.
     """
+    import time
+
+    from . import sampling
     from . import spinning as S
 
-    m, P, codec = parts.model, parts.profile, parts.codec
+    t0 = time.perf_counter()
+    plan = S.plan_sampler(parts, sampler, steps, cfg_scale)
+    m, P, codec = plan.model, parts.profile, parts.codec
+    counter = sampling.NetworkCounter(m)
+    sig_a = None if plan.name in ("euler", "heun") else plan.sigmas         # step A: the profile's schedule
+    kw = dict(solver=plan.solver, sigmas=plan.sigmas)
+    steps, cfg_scale = plan.steps, plan.cfg_scale
     dev = parts.device
     img = case.input_rgb.float()
     yaws = case.yaw.float()
@@ -461,11 +472,14 @@ def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0,
     if variant.use_input:
         z_img = codec.encode(img[None].to(codec.device)).float()                       # (1, 4, h, w)
         if variant.normals:
-            z_in = S.infer_normals(m, P, z_img, id_emb, yaw=input_yaw, steps=steps, seed=seed)[0].cpu()
+            with counter, counter.phase("A"):
+                z_in = S.infer_normals(m, P, z_img, id_emb, yaw=input_yaw, steps=steps, seed=seed,
+                                       solver=plan.solver, sigmas=sig_a)[0].cpu()
         else:
             z_in = torch.cat([z_img[0].cpu(), torch.zeros(4, h, h)])
-        z_anc, anc_yaw = S.anchors(m, P, z_in[None], id_emb, input_yaw, steps=steps, cfg_scale=cfg_scale,
-                                   seed=seed + 1)
+        with counter, counter.phase("B"):
+            z_anc, anc_yaw = S.anchors(m, P, z_in[None], id_emb, input_yaw, steps=steps, cfg_scale=cfg_scale,
+                                       seed=seed + 1, **kw)
         z_anc = z_anc[0].cpu()
         known_yaw = [float(S.wrap_yaw(input_yaw))] + [float(a) for a in anc_yaw]
         known_lat = torch.cat([z_in[None], z_anc])
@@ -476,31 +490,39 @@ def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0,
                 lat[i] = known_lat[src[i]]
         todo = [i for i, s_ in enumerate(src) if s_ < 0]
         if todo:
-            lat[todo] = S.intermediates(m, P, z_in, z_anc, yaws[todo], id_emb, input_yaw, steps=steps,
-                                        cfg_scale=cfg_scale, seed=seed + 100)
+            with counter, counter.phase("C"):
+                lat[todo] = S.intermediates(m, P, z_in, z_anc, yaws[todo], id_emb, input_yaw, steps=steps,
+                                            cfg_scale=cfg_scale, seed=seed + 100, **kw)
     else:
         for j, idx in enumerate(_chunks_around(yaws, P.views_per_sample)):
-            z = S.generate_views(m, P, yaws[idx][None], cond=None, id_emb=id_emb, steps=steps,
-                                 cfg_scale=cfg_scale, seeds=[seed + 1 + j])
+            with counter:
+                z = S.generate_views(m, P, yaws[idx][None], cond=None, id_emb=id_emb, steps=steps,
+                                     cfg_scale=cfg_scale, seeds=[seed + 1 + j], **kw)
             lat[idx] = z[0].cpu()
     rgb, nrm_img = S.decode_latents(codec, lat)
     for i, s_ in enumerate(src):
         if s_ == 0:
             rgb[i] = img                                       # the input view is the input (as spin does)
-    out = {"rgb": rgb, "normal": None, "normal_reason": "this variant generates no normal maps (image-only latents)"}
+    out = {"rgb": rgb, "normal": None, "normal_reason": "this variant generates no normal maps (image-only latents)",
+           "network": counter.report(), "seconds": time.perf_counter() - t0}
     if variant.normals:
         out["normal"] = metrics.normal_rgb_to_vec(nrm_img)
         out["normal_reason"] = None
     return out
 
 
-def model_method(parts, variant: Variant = FULL, seed: int = 0, steps: int | None = None) -> Method:
-    """A ``Method`` that samples with the model of ``parts``; case ``k`` uses seed ``seed + 1000 k``."""
+def model_method(parts, variant: Variant = FULL, seed: int = 0, steps: int | None = None,
+                 sampler: str = "euler", work: list | None = None) -> Method:
+    """A ``Method`` that samples with the model of ``parts``; case ``k`` uses seed ``seed + 1000 k``.
+    ``sampler``, ``steps``: as ``spin`` takes them. ``work`` (a list) receives each case's network counts and
+    seconds."""
     counter = {"k": 0}
 
     def method(case: EvalCase) -> dict:
-        out = generate_case(parts, case, variant, seed + 1000 * counter["k"], steps)
+        out = generate_case(parts, case, variant, seed + 1000 * counter["k"], steps, sampler=sampler)
         counter["k"] += 1
+        if work is not None:
+            work.append({"network": out["network"], "seconds": out["seconds"]})
         return out
     return method
 
@@ -1020,3 +1042,107 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# fewer steps: samplers against the 20-step Euler spin (notebook 12)
+# ----------------------------------------------------------------------------------------------
+SAMPLER_METRICS = ("l2", "ssim", "id_sim_eval", "normal_angle_err_deg")
+
+
+def evaluate_samplers(run: Run, configs: Iterable[tuple[str, int | None]], n_identities: int | None = None,
+                      n_angles: int | None = None, reference: tuple[str, int | None] = ("euler", None),
+                      parts=None, cases: list[EvalCase] | None = None, encoders: dict | None = None,
+                      seed: int | None = None, progress: bool = True, previous: dict | None = None) -> dict:
+    """Every ``(sampler, steps)`` of ``configs`` on the same held-out heads and seeds (the protocol of
+    ``evaluate_all``), each against ``reference`` (the profile's Euler spin) with 95 % paired bootstrap intervals.
+
+    -> ``{"protocol", "rows": {name: {sampler, steps, network_calls, view_evaluations (per spin of the protocol's
+    views, mean over heads), seconds (per head), l2, ssim, id_sim_eval, normal_angle_err_deg, minus_reference:
+    {metric: {"mean", "ci95"}}}}, "reference": name}``. A sampler that cannot run (no student) gets a row with
+    its reason. ``tables`` holds every row's identity x angle tables of those metrics, so that ``previous`` (an
+    earlier result of the same protocol, heads and seed) can be extended: its rows are kept and not sampled again.
+    """
+    from .spinning import SamplerError, SpinParts
+
+    cases = cases or heldout_cases(run, n_identities, n_angles, progress=progress)
+    parts = parts or SpinParts.from_run(run, progress=progress)
+    encoders = encoders or evaluation_encoders(run, parts.encoder, progress)
+    encoders = dict(encoders, faces=None)                        # face_found: not a figure of this comparison
+    seed = run.seed if seed is None else seed
+    label = lambda c: f"{c[0]}{c[1] or parts.profile.sample_steps}" if c[0] != "student" else \
+        f"student{c[1] or ''}"
+    rows, results = {}, {}
+    if previous:
+        protocol = protocol_info(run, cases)
+        for k in ("identities", "n_angles"):
+            if previous["protocol"].get(k) != protocol[k]:
+                raise ValueError(f"the previous result measured other {k} ({previous['protocol'].get(k)}) than "
+                                 f"these ({protocol[k]}): it cannot be extended")
+        if previous.get("seed", seed) != seed:
+            raise ValueError(f"the previous result used seed {previous.get('seed')}, not {seed}")
+        rows.update(previous["rows"])
+        results.update({n: {"table": t} for n, t in previous.get("tables", {}).items()})
+    todo = [c for c in configs if reference is None or tuple(c) != tuple(reference)]
+    for cfg in ([] if reference is None else [reference]) + todo:
+        name = label(cfg)
+        if name in results:
+            continue
+        work: list = []
+        try:
+            res = evaluate_method(cases, model_method(parts, FULL, seed, cfg[1], sampler=cfg[0], work=work),
+                                  encoders, name, parts.source, progress=progress, keep_views=0)
+        except SamplerError as e:
+            rows[name] = {"sampler": cfg[0], "steps": cfg[1], "unavailable": str(e)}
+            continue
+        results[name] = res
+        rows[name] = {"sampler": cfg[0], "steps": _steps_of(parts, cfg),
+                      "network_calls": float(np.mean([w["network"]["total"]["calls"] for w in work])),
+                      "view_evaluations": float(np.mean([w["network"]["total"]["view_evaluations"] for w in work])),
+                      "seconds": float(np.mean([w["seconds"] for w in work])),
+                      **{m: res[m] for m in SAMPLER_METRICS}}
+    tables = {n: {m: r["table"][m] for m in SAMPLER_METRICS if m in r.get("table", {})} for n, r in results.items()}
+    out = {"protocol": protocol_info(run, cases), "reference": None if reference is None else label(reference),
+           "seed": seed, "rows": rows, "tables": tables}
+    return out if reference is None else against_reference(out, label(reference))
+
+
+def against_reference(result: dict, reference: str) -> dict:
+    """Add ``minus_reference`` (95 % paired bootstrap over heads), ``view_evaluation_ratio`` and ``seconds_ratio``
+    to every row of an ``evaluate_samplers`` result against its row ``reference``."""
+    tables, rows = result["tables"], result["rows"]
+    if reference not in tables:
+        raise ValueError(f"no row {reference!r} with tables to compare against; rows: {sorted(tables)}")
+    ref = {"table": tables[reference]}
+    for name in tables:
+        if name == reference:
+            continue
+        diff = compare({"table": tables[name]}, ref, SAMPLER_METRICS, seed=0)
+        rows[name]["minus_reference"] = {m: ({"mean": d["mean"], "ci95": d["ci95"]} if d else None)
+                                         for m, d in diff.items()}
+        rows[name]["view_evaluation_ratio"] = rows[name]["view_evaluations"] / rows[reference]["view_evaluations"]
+        rows[name]["seconds_ratio"] = rows[name]["seconds"] / rows[reference]["seconds"]
+    return dict(result, reference=reference)
+
+
+def merge_sampler_results(parts: list[dict], reference: str) -> dict:
+    """Several ``evaluate_samplers`` results of the same protocol, heads and seed (e.g. one process per sampler)
+    as one, compared with the row ``reference``."""
+    first = parts[0]
+    for p in parts[1:]:
+        for k in ("identities", "n_angles"):
+            if p["protocol"].get(k) != first["protocol"].get(k):
+                raise ValueError(f"cannot merge results of other {k}: {p['protocol'].get(k)} vs "
+                                 f"{first['protocol'].get(k)}")
+        if p.get("seed") != first.get("seed"):
+            raise ValueError("cannot merge results of different seeds")
+    merged = dict(first, rows={}, tables={})
+    for p in parts:
+        merged["rows"].update(p["rows"])
+        merged["tables"].update(p["tables"])
+    return against_reference(merged, reference)
+
+
+def _steps_of(parts, cfg) -> int:
+    from .spinning import plan_sampler
+    return plan_sampler(parts, cfg[0], cfg[1]).steps

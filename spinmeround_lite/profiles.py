@@ -86,6 +86,8 @@ class Profile:
     sample_sigma_min: float = 0.002     # Karras schedule range; the released sampler uses 0.002 .. 700,
     sample_sigma_max: float = 80.0      # EDM 80 (about what the training noise distribution reaches)
     spin_per_round: int = 5             # step C: target views per round (with 3 conditioning views: 8)
+    dpm_rho: float = 7.0                # DPM-Solver++(2M)'s Karras schedule (notebook 12 measures the choice)
+    dpm_sigma_min: float = 0.002
     check_heads: int = 6                # held-out heads of notebook 07's checks (teacher forcing, sweep, swap)
     # --- splatting (notebook 08) ---------------------------------------------------------
     splat_iters: int = 600

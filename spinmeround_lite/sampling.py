@@ -10,7 +10,17 @@ and integrates it from ``sigma_0 = sigma_max`` down to ``sigma_N = 0`` on the Ka
     sigma_i = (sigma_max^(1/rho) + i / (N - 1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,   sigma_N = 0
 
 Euler takes one step along ``d = (x - D) / sigma``; Heun (EDM Algorithm 1) corrects it with the slope at the
-end of the step, one more evaluation of ``D`` per step but second-order accurate.
+end of the step, one more evaluation of ``D`` per step but second-order accurate. DPM-Solver++(2M) (Lu et al.
+2022, ``solver="dpm2m"``) is second-order with *one* evaluation per step: in ``lambda = -ln sigma`` the ODE's
+exact solution is ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i + sigma_{i+1} int e^lambda D dlambda``, and the solver
+takes ``D`` in that integral as a straight line through the last two denoised values::
+
+    h_i = ln(sigma_i / sigma_{i+1}),   r_i = h_{i-1} / h_i
+    D'_i = (1 + 1 / (2 r_i)) D_i - 1 / (2 r_i) D_{i-1}                 (D'_0 = D_0: the first step is Euler)
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i + (1 - sigma_{i+1} / sigma_i) D'_i,     x_N = D_{N-1} at sigma_N = 0
+
+With ``D'_i = D_i`` this is exactly the Euler step, so the two differ only by the extrapolation of ``D``
+(``diffusers.EDMDPMSolverMultistepScheduler`` with its defaults takes the same steps: ``tests/test_sampling.py``).
 
 Everything the multi-view model adds lives around that loop, never inside a scheduler class:
 
@@ -28,6 +38,7 @@ the device.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -39,6 +50,7 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # D(x (B, ...
 SIGMA_MIN = 0.002     # released sampler and EDM
 SIGMA_MAX = 700.0     # released sampler (EDM: 80); profiles with small training noise use less
 RHO = 7.0
+SOLVERS = ("euler", "heun", "dpm2m")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +227,72 @@ def cfg_denoiser(model, cond: torch.Tensor, mask: torch.Tensor, rays: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------
+# counting the work: network calls and view evaluations
+# ----------------------------------------------------------------------------------------------
+class NetworkCounter:
+    """Counts what the network really computes: calls of its forward and the views they carry.
+
+    A forward pre-hook on the model's network (``model.unet``, the multi-view UNet that takes (B, V, C, h, w); a
+    module without one is hooked itself) adds 1 call and ``B * V`` view evaluations per forward, whatever asked
+    for it (a sampler, guidance, a test). Classifier-free guidance therefore counts twice per step, and
+    conditioning views count as well: the network computes them too. ``phase(name)`` files the counts of a block
+    under ``name`` (the steps A, B, C of a spin)::
+
+        with NetworkCounter(model) as counter:
+            with counter.phase("B"):
+                ...                                       # counter.phases["B"] == {"calls": .., "view_evaluations": ..}
+        counter.totals()                                  # {"calls": .., "view_evaluations": ..}
+    """
+
+    def __init__(self, model):
+        net = getattr(model, "unet", None)
+        self.module = net if isinstance(net, torch.nn.Module) else model
+        if not isinstance(self.module, torch.nn.Module):
+            raise TypeError(f"cannot count the calls of a {type(model).__name__}: it is no torch module and has "
+                            "no .unet module")
+        self.calls, self.view_evaluations = 0, 0
+        self.phases: dict[str, dict[str, int]] = {}
+        self._phase: str | None = None
+        self._handle = None
+
+    def _hook(self, module, args, kwargs=None):
+        x = args[0] if args else next(iter((kwargs or {}).values()))
+        views = int(x.shape[0]) * (int(x.shape[1]) if x.ndim == 5 else 1)
+        self.calls += 1
+        self.view_evaluations += views
+        if self._phase is not None:
+            p = self.phases.setdefault(self._phase, {"calls": 0, "view_evaluations": 0})
+            p["calls"] += 1
+            p["view_evaluations"] += views
+
+    def __enter__(self) -> "NetworkCounter":
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Count the calls inside the block under ``name`` (as well as in the totals)."""
+        before, self._phase = self._phase, name
+        self.phases.setdefault(name, {"calls": 0, "view_evaluations": 0})
+        try:
+            yield self
+        finally:
+            self._phase = before
+
+    def totals(self) -> dict[str, int]:
+        return {"calls": self.calls, "view_evaluations": self.view_evaluations}
+
+    def report(self) -> dict:
+        """``{"A": {...}, "B": {...}, ..., "total": {"calls", "view_evaluations"}}``."""
+        return {**{k: dict(v) for k, v in self.phases.items()}, "total": self.totals()}
+
+
+# ----------------------------------------------------------------------------------------------
 # the sampler
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -222,20 +300,25 @@ def sample(denoise_fn: DenoiseFn, shape: Sequence[int], sigmas: torch.Tensor, ge
            solver: str = "euler", cond: torch.Tensor | None = None, mask: torch.Tensor | None = None,
            guidance: Guidance | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
            s_tmax: float = float("inf"), s_noise: float = 1.0, device=None, dtype=torch.float32,
-           progress: bool = False, callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-           ) -> torch.Tensor:
+           progress: bool = False, callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           x_init: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate the probability-flow ODE from pure noise to a clean latent ``x0`` of ``shape`` (B, ...).
 
     denoise_fn(x (B, ...), sigma (B,)) -> D (B, ...): the denoiser (e.g. ``cfg_denoiser(...)``).
     sigmas (N + 1,): noise levels ending at 0 (``karras_sigmas``). generator: see ``randn``.
-    solver: ``"euler"`` (1 evaluation per step) or ``"heun"`` (2, the last step 1).
+    solver: ``"euler"`` (1 evaluation per step), ``"heun"`` (2, the last step 1) or ``"dpm2m"``
+    (DPM-Solver++(2M): 1 evaluation per step, second order; deterministic, so no churn).
     cond (B, V, C, h, w), mask (B, V) bool: conditioning views, written back every step.
     guidance: channel-wise inpainting hooks (``ReconstructionGuidance``, ``Replacement``).
     s_churn, s_tmin, s_tmax, s_noise: EDM's stochastic churn (0 = the deterministic ODE, the default).
     callback(i, x, D) after every step (for pictures of the trajectory).
+    x_init (B, ...): start from this state at ``sigmas[0]`` instead of noise (a piece of a trajectory, as the
+    distillation's teacher integrates it: ``distill.py``).
     """
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver == "dpm2m" and s_churn > 0:
+        raise ValueError("dpm2m is a deterministic multistep solver: use s_churn=0 (churn needs euler or heun)")
     sig = [float(s) for s in sigmas]
     if sig[-1] != 0.0 or any(a <= b for a, b in zip(sig[:-1], sig[1:])):
         raise ValueError("sigmas must decrease strictly and end at 0 (use karras_sigmas)")
@@ -251,8 +334,14 @@ def sample(denoise_fn: DenoiseFn, shape: Sequence[int], sigmas: torch.Tensor, ge
         return write_back(d, cond, mask)              # conditioning views: D is their clean latent
 
     # Main sampling loop: x_0 ~ N(0, sigma_0^2 I), conditioning views clean.
-    x_next = write_back(randn(shape, generator, device, dtype) * sig[0], cond, mask)
+    if x_init is not None:
+        if tuple(x_init.shape) != tuple(shape):
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, the sample {tuple(shape)}")
+        x_next = write_back(x_init.to(device, dtype), cond, mask)
+    else:
+        x_next = write_back(randn(shape, generator, device, dtype) * sig[0], cond, mask)
     steps = tqdm(range(n_steps), desc=f"{solver} sampling", leave=False) if progress else range(n_steps)
+    d_prev, h_prev = None, None                        # dpm2m: the previous denoised value and step in lambda
     for i in steps:
         s_cur, s_next = sig[i], sig[i + 1]
         x_cur = guidance.state(x_next, s_cur)
@@ -269,6 +358,20 @@ def sample(denoise_fn: DenoiseFn, shape: Sequence[int], sigmas: torch.Tensor, ge
         denoised = D(x_hat, s_hat)
         d_cur = (x_hat - denoised) / s_hat
         x_next = x_hat + (s_next - s_hat) * d_cur
+
+        # DPM-Solver++(2M): the same step with D extrapolated linearly in lambda = -ln sigma from D_{i-1} and D_i;
+        # first order on the first step and on the last one (to sigma = 0, where h is infinite).
+        if solver == "dpm2m":
+            if s_next > 0:
+                h = math.log(s_hat / s_next)
+                d_eff = denoised
+                if d_prev is not None:
+                    r = h_prev / h
+                    d_eff = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * d_prev
+                x_next = (s_next / s_hat) * x_hat + (1 - s_next / s_hat) * d_eff
+                d_prev, h_prev = denoised, h
+            else:
+                x_next = denoised
 
         # Apply 2nd order correction (Heun): average the slopes at both ends; none on the last step to sigma = 0.
         if solver == "heun" and s_next > 0:

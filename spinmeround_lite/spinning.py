@@ -24,7 +24,7 @@ Users call ``spin``::
     result.save("out/")                              # PNGs, views.npz, turntable.gif
 
     python -m spinmeround_lite.spin face.jpg --views 48 --out out/ [--profile cpu] [--no-align] [--steps 20]
-                                    [--face-backend auto|dlib|insightface]
+                                    [--sampler euler|heun|dpm2m|student] [--face-backend auto|dlib|insightface]
 
 Inputs: a path, a PIL image, or an array/tensor; any size and mode (RGBA composited on white, grayscale to RGB,
 16-bit scaled). Framing: the model knows heads framed as the rig renders them (``cameras``): a square image
@@ -353,6 +353,8 @@ class SpinParts:
     encoder: object                   # identity encoder: embed (B,3,H,W) -> (B,512)
     profile: Profile
     source: str = "injected"          # where the model came from ("reference", "trained", "injected")
+    student: object | None = None     # the distilled few-step model (``distill``), when there is one
+    student_source: str = ""          # where it came from (a folder), "" when there is none
 
     @classmethod
     def from_run(cls, run: Run, progress: bool = True) -> "SpinParts":
@@ -365,9 +367,12 @@ class SpinParts:
             from .released import load_parts  # `paper` runs the released weights
             model, codec, encoder, profile = load_parts(device=run.device)
             return cls(model, codec, encoder, profile, "released")
+        from .distill import find_student
+
         model, source = ensure_model(run, progress=progress)
+        student, student_source = find_student(run)
         return cls(model.eval(), ensure_vae(run, progress=progress), ensure_encoder(run, "cond", progress=progress),
-                   run.profile, source)
+                   run.profile, source, student, student_source)
 
     @property
     def device(self) -> torch.device:
@@ -402,15 +407,86 @@ def _gens(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+# ----------------------------------------------------------------------------------------------
+# samplers: which model, solver, noise levels and guidance a spin uses (notebook 12)
+# ----------------------------------------------------------------------------------------------
+SAMPLERS = ("euler", "heun", "dpm2m", "student")
+
+
+class SamplerError(ValueError):
+    """A sampler that does not fit the model or the step count asked for; the message says what to do."""
+
+
+@dataclass
+class SamplerPlan:
+    """How a spin samples: ``model`` (the multi-view model or its student), ``solver`` (``sampling.SOLVERS``),
+    ``sigmas`` (N + 1,) ending at 0, ``cfg_scale`` for steps B and C (``None``: the profile's; the student's
+    guidance is folded into its weights, so 1), ``steps`` N."""
+    name: str
+    model: object
+    solver: str
+    sigmas: torch.Tensor
+    cfg_scale: float | None
+    steps: int
+
+
+def sampler_sigmas(profile: Profile, sampler: str, steps: int | None = None) -> torch.Tensor:
+    """The noise levels of ``steps`` steps of ``sampler`` (euler, heun, dpm2m): the profile's Karras schedule
+    (``profile.sample_sigma_min`` .. ``sample_sigma_max``, rho 7); ``dpm2m`` uses ``profile.dpm_rho`` and
+    ``profile.dpm_sigma_min``, chosen by measurement (notebook 12, ``tools/few_steps.py``)."""
+    n = int(steps or profile.sample_steps)
+    if sampler == "dpm2m":
+        return sampling.karras_sigmas(n, profile.dpm_sigma_min, profile.sample_sigma_max, profile.dpm_rho)
+    return sampling.profile_sigmas(profile, n)
+
+
+def plan_sampler(parts: "SpinParts", sampler: str = "euler", steps: int | None = None,
+                 cfg_scale: float | None = None) -> SamplerPlan:
+    """Resolve ``sampler`` for ``parts``: the model, solver, schedule and guidance of a spin.
+
+    ``euler``, ``heun``, ``dpm2m``: the multi-view model with that solver, ``steps`` (default: the profile's) and
+    classifier-free guidance. ``student``: the distilled model of ``parts.student`` with the step count and noise
+    levels it was trained for and no separate guidance (it is folded in). Errors (``SamplerError``) name what does
+    not fit: an unknown sampler, a student that is missing, a step count the student was not trained for, a
+    guidance scale other than the one folded into it.
+    """
+    if sampler not in SAMPLERS:
+        raise SamplerError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if steps is not None and int(steps) < 1:
+        raise SamplerError(f"steps must be at least 1, got {steps}")
+    P = parts.profile
+    if sampler != "student":
+        n = int(steps or P.sample_steps)
+        return SamplerPlan(sampler, parts.model, sampler, sampler_sigmas(P, sampler, n), cfg_scale, n)
+    from .distill import student_info
+
+    if parts.student is None:
+        raise SamplerError(
+            f"no distilled student for the {P.name} profile: it is looked for in reference/{P.name}/student and in "
+            f"the run's models/student. Train one (python -m spinmeround_lite.distill --profile {P.name}, notebook "
+            "12) or choose --sampler euler, heun or dpm2m.")
+    info = student_info(parts.student)
+    k = int(info["steps"])
+    if steps is not None and int(steps) != k:
+        raise SamplerError(f"the student was distilled to sample in exactly {k} steps, not {steps}: leave --steps "
+                           f"out (or give --steps {k}), or use --sampler euler, heun or dpm2m for {steps} steps")
+    folded = float(info["cfg_scale"])
+    if cfg_scale is not None and abs(float(cfg_scale) - folded) > 1e-6:
+        raise SamplerError(f"the student has classifier-free guidance {folded:g} folded into its weights; it cannot "
+                           f"sample with scale {cfg_scale:g}. Leave --cfg-scale out, or use another sampler")
+    return SamplerPlan("student", parts.student, "euler", torch.tensor(info["sigmas"], dtype=torch.float64), 1.0, k)
+
+
 @torch.no_grad()
 def generate_views(model, profile: Profile, target_yaws, cond: torch.Tensor | None = None, cond_yaws=None,
                    id_emb: torch.Tensor | None = None, steps: int | None = None, cfg_scale: float | None = None,
                    seeds: Sequence[int] = (0,), pitch: float = 0.0, solver: str = "euler",
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Sample target views given conditioning views: the one call behind steps B and C and unconditional sampling.
 
     target_yaws (B, T) degrees; cond (B, M, 8, h, w) clean latents at cond_yaws (B, M) (M = 0: none);
-    id_emb (B, 512) or None (no identity); one seed per sample. Returns target latents (B, T, 8, h, w).
+    id_emb (B, 512) or None (no identity); one seed per sample. ``solver``: ``sampling.SOLVERS``; ``sigmas``
+    (N + 1,) overrides the profile's Karras schedule of ``steps`` steps. Returns target latents (B, T, 8, h, w).
     """
     device = next(model.parameters()).device
     target_yaws = torch.as_tensor(target_yaws, dtype=torch.float32)
@@ -431,7 +507,8 @@ def generate_views(model, profile: Profile, target_yaws, cond: torch.Tensor | No
     denoise = sampling.cfg_denoiser(model, cond_full, mask, rays.to(device), id_emb, scale=scale)
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for {B} samples: give one per sample")
-    x = sampling.sample(denoise, cond_full.shape, _sigmas(profile, steps), _gens(seeds), solver=solver,
+    sig = _sigmas(profile, steps) if sigmas is None else sigmas
+    x = sampling.sample(denoise, cond_full.shape, sig, _gens(seeds), solver=solver,
                         cond=cond_full, mask=mask, device=device, progress=progress)
     return x[:, M:]
 
@@ -443,14 +520,15 @@ def generate_views(model, profile: Profile, target_yaws, cond: torch.Tensor | No
 def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Tensor | None, yaw=0.0,
                   pitch: float = 0.0, steps: int | None = None, seed: int = 0, method: str = "guidance",
                   step: float | None = None, cfg_scale: float = 1.0, solver: str = "euler",
-                  c2w: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                  c2w: torch.Tensor | None = None, progress: bool = False,
+                  sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Generate the normal latents of known images: z_img (B, 4, h, w) -> latents (B, 8, h, w) = [z_img | normal].
 
     One view per sample, no conditioning view. ``method``: ``"guidance"`` (reconstruction guidance on
     ``x0_hat``, step ``eta = step``, default ``sampling.stable_inpaint_step`` of the schedule: the released 6.1
     where stable) or ``"replace"`` (plain replacement of the image channels of the state). The camera: rig yaw
     (B,) or a number and ``pitch``, or ``c2w`` (B, 4, 4). ``cfg_scale`` 1 = no guidance (as released).
-    Sample b uses seed ``seed + b``.
+    ``sigmas`` (N + 1,) overrides the schedule. Sample b uses seed ``seed + b``.
     """
     if method not in ("guidance", "replace"):
         raise ValueError(f"method must be 'guidance' or 'replace', got {method!r}")
@@ -470,10 +548,13 @@ def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Te
     known = torch.cat([z_img, torch.zeros_like(z_img)], 1)[:, None]             # (B, 1, 8, h, w)
     M = torch.zeros(1, 1, 8, 1, 1, device=device)
     M[:, :, IMAGE_CHANNELS] = 1.0                                              # known: the 4 image channels
-    sigmas = _sigmas(profile, steps)
-    if profile.extra.get("normals_schedule") == "ddpm":              # the released step A: SD's DDPM schedule
+    if sigmas is not None:
+        pass
+    elif profile.extra.get("normals_schedule") == "ddpm":            # the released step A: SD's DDPM schedule
         from .released import ddpm_sigmas
         sigmas = ddpm_sigmas(steps or profile.sample_steps)
+    else:
+        sigmas = _sigmas(profile, steps)
     if method == "guidance":
         eta = sampling.stable_inpaint_step(sigmas) if step is None else step
         guide = sampling.ReconstructionGuidance(known, M, weight=None, step=eta)
@@ -495,7 +576,8 @@ def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Te
 @torch.no_grad()
 def anchors(model, profile: Profile, z_input: torch.Tensor, id_emb: torch.Tensor | None, input_yaw: float = 0.0,
             steps: int | None = None, cfg_scale: float | None = None, seed: int = 0, pitch: float = 0.0,
-            solver: str = "euler", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            solver: str = "euler", progress: bool = False, sigmas: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step B: 7 anchor views from the input view. z_input (B, 8, h, w) [image | normal] latents at ``input_yaw``.
 
     Returns anchor latents (B, 7, 8, h, w) and their yaws (7,) = input_yaw + ``cameras.ANCHOR_YAWS`` (wrapped).
@@ -506,7 +588,7 @@ def anchors(model, profile: Profile, z_input: torch.Tensor, id_emb: torch.Tensor
     lat = generate_views(model, profile, yaws.expand(B, -1), cond=z_input[:, None],
                          cond_yaws=torch.full((B, 1), float(input_yaw)), id_emb=id_emb, steps=steps,
                          cfg_scale=cfg_scale, seeds=[seed + b for b in range(B)], pitch=pitch, solver=solver,
-                         progress=progress)
+                         progress=progress, sigmas=sigmas)
     return lat, yaws
 
 
@@ -545,7 +627,7 @@ def intermediates(model, profile: Profile, z_input: torch.Tensor, z_anchors: tor
                   id_emb: torch.Tensor | None, input_yaw: float = 0.0, steps: int | None = None,
                   cfg_scale: float | None = None, seed: int = 0, per_round: int | None = None,
                   batch_rounds: int = 8, pitch: float = 0.0, solver: str = "euler",
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Step C: views at ``target_yaws`` (T,) conditioned on triplets (input + two anchors), per round.
 
     z_input (8, h, w), z_anchors (7, 8, h, w) in ``cameras.ANCHOR_YAWS`` order relative to ``input_yaw``;
@@ -574,7 +656,7 @@ def intermediates(model, profile: Profile, z_input: torch.Tensor, z_anchors: tor
         emb = None if id_emb is None else id_emb.reshape(1, -1).expand(len(rs), -1)
         lat = generate_views(model, profile, torch.tensor(tgt), cond=torch.stack(cond),
                              cond_yaws=torch.tensor(cond_yaws), id_emb=emb, steps=steps, cfg_scale=cfg_scale,
-                             seeds=[seed + r for r in rs], pitch=pitch, solver=solver)
+                             seeds=[seed + r for r in rs], pitch=pitch, solver=solver, sigmas=sigmas)
         for j, r in enumerate(rs):
             for k, i in enumerate(rounds[r][1]):
                 out[i] = lat[j, k].cpu()
@@ -703,7 +785,7 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
          device: str | None = None, *, parts: SpinParts | None = None, model=None, codec=None, encoder=None,
          yaws: Sequence[float] | None = None, input_yaw: float = 0.0, pitch: float = 0.0,
          normals_method: str = "guidance", per_round: int | None = None, weights_dir: str | None = None,
-         face_backend: str = "auto", on_input=None, progress: bool = True) -> SpinResult:
+         face_backend: str = "auto", on_input=None, progress: bool = True, sampler: str = "euler") -> SpinResult:
     """One image in, ``n_views`` consistent views with normal maps and cameras out (steps A, B, C).
 
     image_or_path: a path, PIL image, array or tensor (``load_image``). n_views: views around the head in
@@ -714,7 +796,13 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     align: frame photos by their face keypoints (module doc); False uses the image as a square head crop.
     face_backend: ``auto``, ``dlib`` or ``insightface`` (which detector aligns photos). on_input: called with
     ``(image (3, R, R), info)`` once the input is framed, before any model loads (the CLI prints the backend).
+    sampler: ``euler`` (the course's default), ``heun``, ``dpm2m`` (DPM-Solver++(2M)) or ``student`` (the distilled
+    few-step model, in the steps it was trained for); ``plan_sampler`` says what each means and refuses what does
+    not fit. ``info["network"]`` holds the network calls and view evaluations of steps A, B, C and in total,
+    counted around the network's forward (``sampling.NetworkCounter``).
     """
+    if sampler not in SAMPLERS:                     # before any image is read or model loaded
+        raise SamplerError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     t0 = time.perf_counter()
     if run is not None and device:
         run.device = torch.device(device)
@@ -733,8 +821,17 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
                                  face_backend=face_backend, details=face)
     if on_input is not None:
         on_input(img, {"framing": framing, **face})
+    if sampler == "student" and parts is None and model is None:    # a missing student stops before any training
+        from .distill import find_student
+
+        if run is None:
+            run = Run.open(P.name, "", notebook="spin", device=device or "")
+        if find_student(run)[0] is None:
+            plan_sampler(SpinParts(None, None, None, run.profile), "student")      # raises SamplerError
     parts = _resolve_parts(run, P.name, parts, model, codec, encoder, device, progress)
-    P, m = parts.profile, parts.model
+    P = parts.profile
+    plan = plan_sampler(parts, sampler, steps, cfg_scale)
+    m, sig, solver = plan.model, plan.sigmas, plan.solver
     dev = parts.device
 
     yaw = spin_yaws(n_views, input_yaw) if yaws is None else wrap_yaw(torch.as_tensor(yaws)).float().reshape(-1)
@@ -743,16 +840,20 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     id_emb = parts.encoder.embed(img[None].to(dev)).float()                         # (1, 512)
     z_img = parts.codec.encode(img[None].to(parts.codec.device)).float()           # (1, 4, h, w)
     bar = tqdm(total=3, desc="spin", disable=not progress, leave=False)
+    counter = sampling.NetworkCounter(m)          # hooked only inside the three steps below
 
     # step A: the input's normals
     bar.set_postfix_str("A: normals")
-    z_in = infer_normals(m, P, z_img, id_emb, yaw=input_yaw, pitch=pitch, steps=steps, seed=seed,
-                         method=normals_method)[0].cpu()                             # (8, h, w)
+    with counter, counter.phase("A"):
+        z_in = infer_normals(m, P, z_img, id_emb, yaw=input_yaw, pitch=pitch, steps=plan.steps, seed=seed,
+                             method=normals_method, solver=solver,                    # euler, heun: the profile's
+                             sigmas=None if plan.name in ("euler", "heun") else sig)[0].cpu()   # step A: (8, h, w)
     bar.update()
     # step B: 7 anchors
     bar.set_postfix_str("B: anchors")
-    z_anc, anc_yaw = anchors(m, P, z_in[None], id_emb, input_yaw, steps=steps, cfg_scale=cfg_scale,
-                             seed=seed + 1, pitch=pitch)
+    with counter, counter.phase("B"):
+        z_anc, anc_yaw = anchors(m, P, z_in[None], id_emb, input_yaw, cfg_scale=plan.cfg_scale, seed=seed + 1,
+                                 pitch=pitch, solver=solver, sigmas=sig)
     z_anc = z_anc[0].cpu()                                                         # (7, 8, h, w)
     bar.update()
     # step C: every other requested yaw from triplets
@@ -768,10 +869,11 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     for i, s in enumerate(source):
         if s >= 0:
             lat[i] = known_lat[s]
-    if todo:
-        lat[todo] = intermediates(m, P, z_in, z_anc, yaw[todo], id_emb, input_yaw, steps=steps,
-                                  cfg_scale=cfg_scale, seed=seed + 100, per_round=per_round, pitch=pitch,
-                                  progress=progress)
+    with counter, counter.phase("C"):
+        if todo:
+            lat[todo] = intermediates(m, P, z_in, z_anc, yaw[todo], id_emb, input_yaw, cfg_scale=plan.cfg_scale,
+                                      seed=seed + 100, per_round=per_round, pitch=pitch, progress=progress,
+                                      solver=solver, sigmas=sig)
     bar.update()
     bar.close()
 
@@ -781,8 +883,12 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
             views[i] = img                                       # the input view is the input
     c2w, K, _ = view_rays(P, yaw, pitch)
     info = {"framing": framing, "input_yaw": float(input_yaw), "seed": seed, "profile": P.name,
-            "steps": steps or P.sample_steps, "cfg_scale": P.cfg_scale if cfg_scale is None else cfg_scale,
-            "model_source": parts.source, "normals_method": normals_method,
+            "sampler": plan.name, "solver": solver, "steps": plan.steps,
+            "cfg_scale": P.cfg_scale if plan.cfg_scale is None else plan.cfg_scale,
+            "guidance": "folded into the student" if sampler == "student" else "classifier-free in steps B and C",
+            "sigmas": [round(float(x), 6) for x in sig],
+            "model_source": parts.source if sampler != "student" else parts.student_source,
+            "normals_method": normals_method, "network": counter.report(),
             "generated": {"anchors": 7, "intermediates": len(todo)}, **face}
     return SpinResult(views, normals, yaw, torch.full_like(yaw, float(pitch)), c2w, K, input=img, latents=lat,
                       seconds=time.perf_counter() - t0, info=info)
@@ -894,7 +1000,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--face-backend", default="auto", choices=("auto", "dlib", "insightface"),
                     help="face detector that aligns photos: auto (insightface when its files are in --weights, "
                          "else the shipped dlib), dlib or insightface")
-    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the profile's)")
+    ap.add_argument("--sampler", default="euler", choices=SAMPLERS,
+                    help="euler (default, the profile's steps), heun, dpm2m (DPM-Solver++(2M), second order with one "
+                         "call a step) or student (the distilled few-step model, in the steps it was trained for; "
+                         "guidance folded in)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sampler steps (default: the profile's; the student's own count for --sampler student)")
     ap.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     ap.add_argument("--seed", type=int, default=0, help="random seed (same seed, same spin)")
     ap.add_argument("--yaw", type=float, default=0.0, help="yaw of the input view in degrees (default 0)")
@@ -907,8 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Run.open(args.profile, args.run_dir, notebook="spin", seed=args.seed, device=args.device)
         res = spin(args.input, n_views=args.views, run=run, steps=args.steps, cfg_scale=args.cfg_scale,
                    seed=args.seed, align=not args.no_align, input_yaw=args.yaw, weights_dir=args.weights or None,
-                   face_backend=args.face_backend, on_input=_print_framing(args.input), progress=not args.quiet)
-    except (FileNotFoundError, ImageError, AlignmentError) as e:
+                   face_backend=args.face_backend, on_input=_print_framing(args.input), progress=not args.quiet,
+                   sampler=args.sampler)
+    except (FileNotFoundError, ImageError, AlignmentError, SamplerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = res.save(args.out)

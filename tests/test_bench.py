@@ -26,6 +26,16 @@ def test_attention_rows_fused_saves_memory():
     assert rows[1]["naive_bytes"] > 3 * rows[0]["naive_bytes"]   # the score matrix grows with tokens^2
 
 
-def test_spin_counts_unet_evaluations():
-    r = bench.spin_speed(bench.get_profile("test"), torch.device("cpu"), n_views=8)
-    assert r["denoiser_calls"] > 0 and r["view_evaluations"] >= r["denoiser_calls"]
+def test_spin_rows_count_the_network_work():
+    P = bench.get_profile("test")
+    r = bench.spin_rows(P, torch.device("cpu"), n_views=8, fast=("student", 2))
+    slow, fast = r["euler"], r["fast"]
+    # the test profile's 4 Euler steps: A 4 calls of 1 view, B 4 guided steps of 2 calls of 1 + 7 views
+    assert slow["per_step"]["A"] == {"calls": P.sample_steps, "view_evaluations": P.sample_steps}
+    assert slow["per_step"]["B"] == {"calls": 2 * P.sample_steps, "view_evaluations": 16 * P.sample_steps}
+    assert fast["per_step"]["B"] == {"calls": 2, "view_evaluations": 16}          # 2 student steps, 1 call each
+    assert slow["network_calls"] == sum(v["calls"] for v in slow["per_step"].values())
+    assert r["view_evaluation_ratio"] == fast["view_evaluations"] / slow["view_evaluations"] < 0.5
+    assert 0 < slow["seconds_network"] < slow["seconds"] and r["speedup"] > 0
+    assert "faster" in bench.format_table({"device": "cpu", "profile": "test", "torch": "x", "spin": r,
+                                           "paper": {"absent": "not asked"}})

@@ -414,3 +414,29 @@ def test_face_found_is_compared_with_the_truth_not_ranked():
     b = {"table": {"face_found": [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]}}
     r = E.compare(a, b, ["face_found"])["face_found"]
     assert r["mean"] > 0.5 and r["beats"] is None
+
+
+def test_sampler_results_merge_and_compare_with_the_reference():
+    """evaluate.merge_sampler_results: rows measured in separate processes, compared with the reference row by
+    paired bootstrap over heads (the same heads and seed, or a clear error)."""
+    from spinmeround_lite.evaluate import merge_sampler_results
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.8, size=(6, 4))
+    proto = {"identities": [f"h{i}" for i in range(6)], "n_angles": 4}
+
+    def part(name, table, views):
+        return {"protocol": proto, "seed": 0, "rows": {name: {"view_evaluations": views, "seconds": views / 100}},
+                "tables": {name: {"ssim": table.tolist(), "l2": (1 - table).tolist()}}}
+
+    res = merge_sampler_results([part("euler20", base, 2900), part("fast", base - 0.05, 290)], "euler20")
+    d = res["rows"]["fast"]["minus_reference"]
+    assert d["ssim"]["mean"] == pytest.approx(-0.05) and d["ssim"]["ci95"][1] < 0
+    assert d["l2"]["mean"] == pytest.approx(0.05)
+    assert res["rows"]["fast"]["view_evaluation_ratio"] == pytest.approx(0.1)
+    other = part("fast", base, 290)
+    other["protocol"] = dict(proto, identities=proto["identities"][::-1])
+    with pytest.raises(ValueError, match="identities"):
+        merge_sampler_results([part("euler20", base, 2900), other], "euler20")
+    with pytest.raises(ValueError, match="no row"):
+        merge_sampler_results([part("fast", base, 290)], "euler20")

@@ -131,3 +131,40 @@ def test_cpu_reference_models_learned_in_the_committed_latent_space():
     assert any(p.name == "spin" for p in models)
     for p in models:
         assert json.loads((p / "config.json").read_text()).get("vae_fingerprint") == fp, p.name
+
+
+@pytest.mark.skipif(not (REF / "manifest.json").exists(), reason="no reference checkpoints in this checkout")
+def test_cpu_student_loads_samples_in_its_steps_and_refuses_others(tmp_path):
+    """reference/cpu/student (notebook 12): the distilled few-step model of the reference, float16 on disk, found
+    by a cpu run, samples step B in exactly its steps with one network call each, and refuses any other count."""
+    from safetensors import safe_open
+
+    from spinmeround_lite import sampling
+    from spinmeround_lite import spinning as S
+    from spinmeround_lite.distill import find_student, student_info
+
+    folder = REF / "student"
+    assert Run.is_complete(folder), "reference/cpu/student is missing: export it (python -m spinmeround_lite.distill)"
+    man = json.loads((folder / "manifest.json").read_text())
+    assert man["profile"] == "cpu" and man["distill_steps"] > 0 and "spinmeround_lite.distill" in man["command"]
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in list(f.keys())[:20])
+    run = Run("cpu", tmp_path / "run", device="cpu")
+    student, source = find_student(run)
+    assert student is not None and source.endswith("student")
+    info = student_info(student)
+    k = info["steps"]
+    assert 1 <= k <= 4 and len(info["sigmas"]) == k + 1 and info["sigmas"][-1] == 0
+    parts = S.SpinParts(None, None, None, run.profile, "reference", student, source)
+    plan = S.plan_sampler(parts, "student")
+    assert plan.steps == k and plan.cfg_scale == 1.0 and plan.model is student
+    for wrong in (k + 1, 20):
+        with pytest.raises(S.SamplerError, match=f"exactly {k} steps"):
+            S.plan_sampler(parts, "student", steps=wrong)
+    h = run.profile.latent_res
+    z_in = torch.randn(1, 8, h, h, generator=torch.Generator().manual_seed(0))
+    with sampling.NetworkCounter(student) as counter:
+        lat, _ = S.anchors(student, run.profile, z_in, torch.nn.functional.normalize(torch.randn(1, 512), dim=-1),
+                           cfg_scale=plan.cfg_scale, solver=plan.solver, sigmas=plan.sigmas)
+    assert lat.shape == (1, 7, 8, h, h) and torch.isfinite(lat).all()
+    assert counter.totals() == {"calls": k, "view_evaluations": 8 * k}

@@ -359,3 +359,83 @@ def test_spin_viewer_draws_a_fixed_size_whatever_the_resolution(res_px):
     shown = image.value
     slider.value = slider.options[0][1]                                         # yaw -90: view 3
     assert image.value != shown and "view 3 of 4" in caption.value
+
+
+# ----------------------------------------------------------------------------------------------
+# counted work and samplers (notebook 12)
+# ----------------------------------------------------------------------------------------------
+def _expected_c_calls(n_views):
+    """Network calls of step C per sampler step without guidance: one per batch of equal-size rounds."""
+    rel = [float(y) for y in spin_yaws(n_views)]
+    known = {0.0, *[float(a) for a in cameras.ANCHOR_YAWS], -180.0}
+    todo = [r for r in rel if all(abs(((r - k + 180) % 360) - 180) > 1e-3 for k in known)]
+    rounds = plan_rounds(todo, P.spin_per_round)
+    sizes = {}
+    for _, idx in rounds:
+        sizes[len(idx)] = sizes.get(len(idx), 0) + 1
+    calls = sum(-(-n // 8) for n in sizes.values())
+    views = sum(n * (3 + size) for size, n in sizes.items())
+    return calls, views
+
+
+def test_spin_counts_network_calls_per_step(parts):
+    res = spin(render_like(), n_views=12, parts=parts, steps=2, cfg_scale=2.0, progress=False)
+    net = res.info["network"]
+    assert net["A"] == {"calls": 2, "view_evaluations": 2}                 # 1 view, no guidance, 2 steps
+    assert net["B"] == {"calls": 4, "view_evaluations": 4 * 8}             # guided: 2 calls a step, 1 + 7 views
+    c_calls, c_views = _expected_c_calls(12)
+    assert net["C"] == {"calls": 2 * 2 * c_calls, "view_evaluations": 2 * 2 * c_views}
+    assert net["total"]["calls"] == sum(net[k]["calls"] for k in "ABC")
+    assert net["total"]["view_evaluations"] == sum(net[k]["view_evaluations"] for k in "ABC")
+    assert res.info["sampler"] == "euler" and res.info["steps"] == 2
+    h = spin(render_like(), n_views=12, parts=parts, steps=2, cfg_scale=2.0, progress=False, sampler="heun")
+    assert h.info["network"]["B"]["calls"] == 2 * (2 + 1)                  # Heun: 2 evaluations, the last step 1
+    d = spin(render_like(), n_views=12, parts=parts, steps=2, cfg_scale=2.0, progress=False, sampler="dpm2m")
+    assert d.info["network"] == net                                        # dpm2m: Euler's calls
+    assert not torch.equal(d.latents, res.latents)
+
+
+@pytest.fixture(scope="module")
+def student_parts(parts):
+    import copy
+
+    from spinmeround_lite.distill import as_student
+
+    student = as_student(copy.deepcopy(parts.model), P, 2)
+    return SpinParts(parts.model, parts.codec, parts.encoder, P, "injected", student, "injected student")
+
+
+def test_student_samples_in_its_steps_with_one_call_each(student_parts):
+    res = spin(render_like(), n_views=12, parts=student_parts, progress=False, sampler="student")
+    net = res.info["network"]
+    assert res.info["steps"] == 2 and res.info["sampler"] == "student"
+    assert net["A"]["calls"] == 2 and net["B"] == {"calls": 2, "view_evaluations": 2 * 8}    # guidance folded in
+    assert net["C"]["calls"] == 2 * _expected_c_calls(12)[0]
+    assert res.info["sigmas"][-1] == 0 and len(res.info["sigmas"]) == 3
+    assert spin(render_like(), n_views=12, parts=student_parts, progress=False, sampler="student",
+                steps=2).info["network"] == net
+
+
+def test_sampler_mismatches_are_clear_errors(parts, student_parts, tmp_path):
+    from spinmeround_lite.spinning import SamplerError
+
+    with pytest.raises(SamplerError, match="exactly 2 steps"):
+        spin(render_like(), n_views=8, parts=student_parts, progress=False, sampler="student", steps=20)
+    with pytest.raises(SamplerError, match="folded"):
+        spin(render_like(), n_views=8, parts=student_parts, progress=False, sampler="student", cfg_scale=5.0)
+    with pytest.raises(SamplerError, match="no distilled student"):
+        spin(render_like(), n_views=8, parts=parts, progress=False, sampler="student")
+    with pytest.raises(SamplerError, match="unknown sampler"):                # before the image is even read
+        spin(tmp_path / "missing.png", parts=parts, progress=False, sampler="ddim")
+
+
+def test_cli_refuses_a_missing_student(tmp_path, capsys):
+    from spinmeround_lite.spinning import main
+
+    img = tmp_path / "head.png"
+    Image.fromarray((render_like().permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(img)
+    run = tmp_path / "run"
+    rc = main([str(img), "--out", str(tmp_path / "o"), "--profile", "test", "--run-dir", str(run), "--quiet",
+               "--sampler", "student"])
+    assert rc == 2
+    assert "no distilled student" in capsys.readouterr().err
