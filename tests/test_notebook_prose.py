@@ -132,8 +132,8 @@ def test_prose_states_no_figure_of_a_run(path):
 
 
 def test_the_course_has_notebooks_and_solutions_to_check():
-    assert len([p for p in NOTEBOOKS if p.parent.name == "notebooks"]) == 12
-    assert len([p for p in NOTEBOOKS if p.parent.name == "solutions"]) == 12
+    assert len([p for p in NOTEBOOKS if p.parent.name == "notebooks"]) == 13
+    assert len([p for p in NOTEBOOKS if p.parent.name == "solutions"]) == 13
 
 
 def _stand_in(tmp_path: Path, markdown: str) -> Path:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(RUN_TIMEOUT + 300)
 
 NOTEBOOKS = ["00_procedural_heads", "01_identity_tokens", "02_ray_maps", "03_latent_space", "04_3d_attention",
              "05_edm_training", "06_normal_inpainting", "07_anchor_sampling", "08_gaussian_splatting",
-             "09_evaluation", "10_your_photo", "11_the_real_model"]
+             "09_evaluation", "10_your_photo", "11_the_real_model", "12_fewer_steps"]
 
 
 def _keep(doc_images, out_dir, name, as_name, margin=6):
