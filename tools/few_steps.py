@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--merge", nargs="+", default=None,
                     help="merge these result files (same heads and seed) into --out, against --reference")
     ap.add_argument("--reference", default="euler20", help="with --merge: the row the others are compared with")
+    ap.add_argument("--note", default="", help="a line stored with the result")
     a = ap.parse_args()
     run = Run.open(a.profile, a.run_dir, notebook="12_fewer_steps_cli")
     configs = [(c.split(":")[0], int(c.split(":")[1]) if ":" in c else None) for c in a.configs]
@@ -48,7 +49,7 @@ def main() -> int:
         res["commands"] = sum((p.get("commands", []) for p in parts), []) + [
             "python tools/few_steps.py " + " ".join(sys.argv[1:])]
         res["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
-        _report(res, a.out)
+        _report(res, a.out, a.note)
         return 0
     prev_path = Path(a.previous or a.out) if a.extend else None
     previous = json.loads(prev_path.read_text()) if prev_path is not None and prev_path.exists() else None
@@ -56,11 +57,13 @@ def main() -> int:
                             reference=None if a.no_reference else ("euler", None))
     res["commands"] = (previous or {}).get("commands", []) + ["python tools/few_steps.py " + " ".join(sys.argv[1:])]
     res["seconds"] = (previous or {}).get("seconds", 0.0) + time.time() - t0
-    _report(res, a.out)
+    _report(res, a.out, a.note)
     return 0
 
 
-def _report(res: dict, out: str) -> None:
+def _report(res: dict, out: str, note: str = "") -> None:
+    if note:
+        res["notes"] = res.get("notes", []) + [note]
     for name, r in res["rows"].items():
         d = r.get("minus_reference") or {}
         def fmt(m):
