@@ -1096,7 +1096,7 @@ def evaluate_samplers(run: Run, configs: Iterable[tuple[str, int | None]], n_ide
             rows[name] = {"sampler": cfg[0], "steps": cfg[1], "unavailable": str(e)}
             continue
         results[name] = res
-        rows[name] = {"sampler": cfg[0], "steps": _steps_of(parts, cfg),
+        rows[name] = {"sampler": cfg[0], "steps": _steps_of(parts, cfg), "sigmas": _sigmas_of(parts, cfg),
                       "network_calls": float(np.mean([w["network"]["total"]["calls"] for w in work])),
                       "view_evaluations": float(np.mean([w["network"]["total"]["view_evaluations"] for w in work])),
                       "seconds": float(np.mean([w["seconds"] for w in work])),
@@ -1146,3 +1146,8 @@ def merge_sampler_results(parts: list[dict], reference: str) -> dict:
 def _steps_of(parts, cfg) -> int:
     from .spinning import plan_sampler
     return plan_sampler(parts, cfg[0], cfg[1]).steps
+
+
+def _sigmas_of(parts, cfg) -> list[float]:
+    from .spinning import plan_sampler
+    return [round(float(x), 6) for x in plan_sampler(parts, cfg[0], cfg[1]).sigmas]

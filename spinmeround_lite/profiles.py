@@ -140,6 +140,7 @@ PROFILES: dict[str, Profile] = {
         views_per_sample=8, train_steps=300, batch_size=2, lr=6e-4, checkpoint_every=100, sample_every=100,
         use_reference=True,
         sample_steps=20, spin_views=48,
+        dpm_rho=10.0, dpm_sigma_min=0.05,     # measured: tools/schedule_sweep.py, results/cpu/dpm_schedule.json
         splat_iters=600, splat_init_gaussians=4000, splat_res=64,
         eval_identities=4, eval_angles=16, ablation_steps=40,
     ),

@@ -37,6 +37,10 @@ def main() -> int:
     ap.add_argument("--merge", nargs="+", default=None,
                     help="merge these result files (same heads and seed) into --out, against --reference")
     ap.add_argument("--reference", default="euler20", help="with --merge: the row the others are compared with")
+    ap.add_argument("--note", default="", help="a line stored with the result")
+    ap.add_argument("--teacher-as-student", type=int, default=0, metavar="K",
+                    help="measure the teacher's own weights sampled like a K-step student (the student's schedule, "
+                         "one call a step, no guidance): the baseline of distillation, row student_step0")
     a = ap.parse_args()
     run = Run.open(a.profile, a.run_dir, notebook="12_fewer_steps_cli")
     configs = [(c.split(":")[0], int(c.split(":")[1]) if ":" in c else None) for c in a.configs]
@@ -48,19 +52,35 @@ def main() -> int:
         res["commands"] = sum((p.get("commands", []) for p in parts), []) + [
             "python tools/few_steps.py " + " ".join(sys.argv[1:])]
         res["seconds"] = sum(p.get("seconds", 0.0) for p in parts)
-        _report(res, a.out)
+        _report(res, a.out, a.note)
         return 0
     prev_path = Path(a.previous or a.out) if a.extend else None
     previous = json.loads(prev_path.read_text()) if prev_path is not None and prev_path.exists() else None
-    res = evaluate_samplers(run, configs, a.identities, a.angles, previous=previous,
+    parts = None
+    if a.teacher_as_student:
+        import copy
+
+        from spinmeround_lite import distill
+        from spinmeround_lite.spinning import SpinParts
+        base = SpinParts.from_run(run, progress=False)
+        parts = SpinParts(base.model, base.codec, base.encoder, run.profile, base.source,
+                          distill.as_student(copy.deepcopy(base.model), run.profile, a.teacher_as_student),
+                          "the teacher's weights as a student (not distilled)")
+        configs = [("student", None)]
+    res = evaluate_samplers(run, configs, a.identities, a.angles, previous=previous, parts=parts,
                             reference=None if a.no_reference else ("euler", None))
+    if a.teacher_as_student:
+        res["rows"]["student_step0"] = res["rows"].pop("student")
+        res["tables"]["student_step0"] = res["tables"].pop("student")
     res["commands"] = (previous or {}).get("commands", []) + ["python tools/few_steps.py " + " ".join(sys.argv[1:])]
     res["seconds"] = (previous or {}).get("seconds", 0.0) + time.time() - t0
-    _report(res, a.out)
+    _report(res, a.out, a.note)
     return 0
 
 
-def _report(res: dict, out: str) -> None:
+def _report(res: dict, out: str, note: str = "") -> None:
+    if note:
+        res["notes"] = res.get("notes", []) + [note]
     for name, r in res["rows"].items():
         d = r.get("minus_reference") or {}
         def fmt(m):
