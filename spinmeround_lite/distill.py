@@ -375,21 +375,15 @@ def export_student(out: str | os.PathLike, dest: str | os.PathLike, profile: Pro
     ``COMPLETE`` last."""
     import datetime as dt
 
-    from .checkpoints import load_checkpoint, save_checkpoint
+    from .checkpoints import save_checkpoint
     from .runs import atomic_folder
-    from .train import checkpoint_dirs
+    from .train import newest_weights
 
     out, dest = Path(out), Path(dest)
     p = get_profile(profile)
-    if Run.is_complete(out):
-        state, config = load_checkpoint(out)
-        step = int(config.get("step", 0))
-    else:
-        ck = checkpoint_dirs(out)
-        if not ck:
-            raise FileNotFoundError(f"{out} holds no distillation checkpoint yet")
-        state, config = load_checkpoint(ck[-1], name="ema.safetensors")
-        step = int(ck[-1].name.split("_")[-1])
+    complete = Run.is_complete(out)
+    state, config, step = newest_weights(out)
+    if not complete:
         d = config["distill"]
         config = dict(config, step=step, weights="ema")
         config["student"] = {"steps": d["steps"], "sigmas": d["sigmas"], "cfg_scale": d["cfg_scale"],

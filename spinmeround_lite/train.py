@@ -404,6 +404,21 @@ def checkpoint_dirs(out: Path) -> list[Path]:
                   and Run.is_complete(p))
 
 
+def newest_weights(out: Path) -> tuple[dict, dict, int]:
+    """The weights to export from a training folder: its final export when complete, else its newest checkpoint's
+    EMA weights. -> ``(state_dict, config, step)``; ``FileNotFoundError`` when it holds neither yet."""
+    from .checkpoints import load_checkpoint
+
+    if Run.is_complete(out):
+        state, config = load_checkpoint(out)
+        return state, config, int(config.get("step", 0))
+    ck = checkpoint_dirs(out)
+    if not ck:
+        raise FileNotFoundError(f"{out} holds no complete export and no checkpoint yet")
+    state, config = load_checkpoint(ck[-1], name="ema.safetensors")
+    return state, config, int(ck[-1].name.split("_")[-1])
+
+
 def save_training_checkpoint(out: Path, step: int, model: SpinModel, ema: EMA, opt, trainer_state: dict) -> Path:
     """Write ``out/checkpoints/step_<step>/`` atomically: built as ``*.tmp``, renamed when whole.
 

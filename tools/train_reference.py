@@ -38,18 +38,13 @@ from spinmeround_lite.runs import Run, atomic_folder, read_json, write_json  # n
 def export_model_dir(src: Path, tgt: Path) -> int:
     """Copy a training folder's EMA weights to ``tgt`` in float16 (finished: its saved model; still training: its
     newest checkpoint's EMA), with ``config.json``, ``loss.png`` and ``log.json``; ``COMPLETE`` last. -> steps."""
-    from spinmeround_lite.checkpoints import load_checkpoint, save_checkpoint
-    from spinmeround_lite.train import checkpoint_dirs
+    from spinmeround_lite.checkpoints import save_checkpoint
+    from spinmeround_lite.train import newest_weights
 
-    if Run.is_complete(src):
-        state, config = load_checkpoint(src)
-        steps = int(config.get("step", 0))
-    else:
-        ck = checkpoint_dirs(src)
-        if not ck:
-            raise SystemExit(f"no checkpoint in {src} yet")
-        state, config = load_checkpoint(ck[-1], name="ema.safetensors")
-        steps = int(ck[-1].name.split("_")[-1])
+    try:
+        state, config, steps = newest_weights(Path(src))
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     config = dict(config, step=steps)
     with atomic_folder(tgt) as tmp:
         save_checkpoint(tmp, {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, config)
