@@ -172,7 +172,6 @@ def as_displayed(im, name: str = "the image"):
     except (ValueError, OSError, SyntaxError, TypeError) as e:          # an unreadable EXIF block: keep the pixels
         warnings.warn(f"{name}: its EXIF data cannot be read ({e}); using the pixels as stored", stacklevel=2)
         out = im.copy()
-    out = out if out is not im else im.copy()
     icc = out.info.get("icc_profile")
     if icc and out.mode in ("RGB", "RGBA", "CMYK"):
         out = _to_srgb(out, icc, name)
