@@ -116,6 +116,23 @@ class Profile:
         return dataclasses.asdict(self)
 
 
+# one CUDA GPU of data-centre size; the colab profile below is this one cut to a T4
+_GPU = Profile(
+    name="gpu", resolution=128, identities=600, heldout_identities=40, views_per_identity=125,
+    render_chunk=1 << 20,
+    ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=0,
+    id_input_res=64, id_width=32, id_eval_width=48, id_train_steps=3000, id_batch=256,
+    text_hidden=256, text_layers=4, text_heads=4,
+    vae_channels=(64, 128, 128), vae_steps=4000, vae_batch=64, vae_decoder_steps=2000,
+    unet_channels=(128, 256, 256), unet_layers_per_block=2, unet_head_dim=32,
+    views_per_sample=8, train_steps=12000, batch_size=16, checkpoint_every=2000, sample_every=2000,
+    lr=2e-4, ema_decay=0.9995,
+    sample_steps=25, spin_views=48,
+    splat_iters=2000, splat_init_gaussians=20000, splat_res=128,
+    eval_identities=40, eval_angles=16, ablation_steps=4000,
+)
+
+
 PROFILES: dict[str, Profile] = {
     "test": Profile(
         name="test", resolution=32, identities=10, heldout_identities=3, views_per_identity=16,
@@ -144,36 +161,15 @@ PROFILES: dict[str, Profile] = {
         splat_iters=600, splat_init_gaussians=4000, splat_res=64,
         eval_identities=4, eval_angles=16, ablation_steps=40,
     ),
-    "gpu": Profile(
-        name="gpu", resolution=128, identities=600, heldout_identities=40, views_per_identity=125,
-        render_chunk=1 << 20,
-        ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=0,
-        id_input_res=64, id_width=32, id_eval_width=48, id_train_steps=3000, id_batch=256,
-        text_hidden=256, text_layers=4, text_heads=4,
-        vae_channels=(64, 128, 128), vae_steps=4000, vae_batch=64, vae_decoder_steps=2000,
-        unet_channels=(128, 256, 256), unet_layers_per_block=2, unet_head_dim=32,
-        views_per_sample=8, train_steps=12000, batch_size=16, checkpoint_every=2000, sample_every=2000,
-        lr=2e-4, ema_decay=0.9995,
-        sample_steps=25, spin_views=48,
-        splat_iters=2000, splat_init_gaussians=20000, splat_res=128,
-        eval_identities=40, eval_angles=16, ablation_steps=4000,
-    ),
-    "colab": Profile(
-        # a Colab T4 (15 GB, compute capability 7.5, no bf16): the gpu profile's model and images, fp16 autocast
-        # with a gradient scaler, a batch and counts sized for 13 GB and a session of about two hours
-        # (results/colab/memory.json, README "On Colab")
-        name="colab", resolution=128, identities=300, heldout_identities=20, views_per_identity=125,
-        render_chunk=1 << 18,
-        ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=0,
-        id_input_res=64, id_width=32, id_eval_width=48, id_train_steps=1500, id_batch=256,
-        text_hidden=256, text_layers=4, text_heads=4,
-        vae_channels=(64, 128, 128), vae_steps=2000, vae_batch=32, vae_decoder_steps=1000,
-        unet_channels=(128, 256, 256), unet_layers_per_block=2, unet_head_dim=32,
-        views_per_sample=8, train_steps=6000, batch_size=8, checkpoint_every=1000, sample_every=1000,
-        lr=2e-4, ema_decay=0.9995, mixed_precision="fp16",
-        sample_steps=25, spin_views=48,
-        splat_iters=2000, splat_init_gaussians=20000, splat_res=128,
-        eval_identities=20, eval_angles=16, ablation_steps=1500,
+    "gpu": _GPU,
+    # a Colab T4 (15 GB, compute capability 7.5, no bf16): the gpu profile's model and images, fp16 autocast with a
+    # gradient scaler, a batch and counts sized for 13 GB and a session of about two hours
+    # (results/colab/memory.json, README "On Colab"); only what differs from gpu is written
+    "colab": _GPU.replace(
+        name="colab", identities=300, heldout_identities=20, render_chunk=1 << 18,
+        id_train_steps=1500, vae_steps=2000, vae_batch=32, vae_decoder_steps=1000,
+        train_steps=6000, batch_size=8, checkpoint_every=1000, sample_every=1000, mixed_precision="fp16",
+        eval_identities=20, ablation_steps=1500,
     ),
     "paper": Profile(
         name="paper", resolution=512, identities=7000, heldout_identities=222, views_per_identity=125,
