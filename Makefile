@@ -15,7 +15,8 @@ help:
 	@echo "make course [PROFILE=test|cpu|gpu|paper]  run every notebook, write runs/<profile>/summary.json"
 	@echo "make course OVERRIDES=\"batch_size=8\"     the same with profile fields changed (run folder records them)"
 	@echo "make solutions [PROFILE=...]               run the worked solutions in the same run folder"
-	@echo "make test                                  unit tests (+ the float-path guard) + every notebook at the test profile + the browser tests"
+	@echo "make test                                  two lanes at once: unit tests + float-path guard | every notebook and solution at the test profile + the browser tests"
+	@echo "make test-portability                      the float tests on one thread, on scalar kernels and on default threads"
 	@echo "make test-browser                          the course in JupyterLab in headless Chromium (tests/browser)"
 	@echo "make screenshots                           the README's JupyterLab pictures (docs/images/lab_*.png, cpu profile)"
 	@echo "make lab                                   JupyterLab on the notebooks"
@@ -34,25 +35,19 @@ course: $(STAMP)
 solutions: $(STAMP)
 	$(PY) -m spinmeround_lite.course run --solutions --profile $(PROFILE) $(SET)
 
-# Unit tests, then every notebook and then every worked solution at the test profile (nbmake) in one shared
-# temporary run folder (the solutions reuse the notebooks' artifacts), then the figures check, then the course in
-# JupyterLab in a browser on that same run folder (as a learner opens it after running the notebooks).
+# Two lanes at once, one core each, each on its own temporary run folder (tools/run_tests.py; it prints where the
+# time went): the unit tests and then the portability guard (the `floats` tests on torch's scalar kernels);
+# every notebook and then every worked solution at the test profile (nbmake; the solutions reuse the notebooks'
+# artifacts), then the course in JupyterLab in a browser on that run folder (as a learner opens it after running
+# the notebooks). One thread per process unless OMP_NUM_THREADS says otherwise.
 test: $(STAMP)
-	@units=$$(mktemp -d "$${TMPDIR:-/tmp}/smr-units-XXXXXX"); \
-	HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$units $(PY) -m pytest -q -p no:cacheprovider --ignore=tests/browser tests \
-	  && SMR_RUN_DIR=$$units $(MAKE) --no-print-directory test-portability; \
-	rc=$$?; rm -rf "$$units"; exit $$rc
-	run=$$(mktemp -d "$${TMPDIR:-/tmp}/smr-test-run-XXXXXX"); \
-	HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$run $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 \
-	    notebooks solutions \
-	  && HF_HUB_OFFLINE=1 SMR_RUN_DIR=$$run $(PY) -m pytest -q -p no:cacheprovider tests/browser; \
-	rc=$$?; rm -rf "$$run"; exit $$rc
+	$(PY) tools/run_tests.py
 
-# The portability guard: the tests marked `floats` (they compare floats against a measured bound, or train) run
-# again on one thread and on torch's scalar kernels (ATEN_CPU_CAPABILITY=default: another float path on the same
-# CPU, as another machine's kernels would be), the two at once, one core each. A test that passes on one path and
-# fails on another is fragile: its bound was read off one machine. Within `make test` both reuse the unit tests'
-# run folder (SMR_RUN_DIR), so nothing is built twice.
+# The portability guard in full: the tests marked `floats` (they compare floats against a measured bound, or train)
+# on one thread, on torch's scalar kernels (ATEN_CPU_CAPABILITY=default: another float path on the same CPU, as
+# another machine's kernels would be), the two at once, one core each, and then on the machine's default thread
+# count. A test that passes on one path and fails on another is fragile: its bound was read off one machine.
+# (`make test` runs the unit tests on one thread and the guard on the scalar kernels.)
 test-portability: $(STAMP)
 	@d=$$(mktemp -d); \
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats --durations=5 --ignore=tests/browser tests \
@@ -64,6 +59,8 @@ test-portability: $(STAMP)
 	if [ $$ra -ne 0 ]; then cat $$d/one-thread.log; fi; \
 	if [ $$rb -ne 0 ]; then cat $$d/scalar-kernels.log; fi; \
 	rm -rf $$d; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
+	@echo "portability guard, default threads ($$($(PY) -c 'import torch; print(torch.get_num_threads())')):"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m floats --ignore=tests/browser tests
 
 # JupyterLab (the course's .venv) in headless Chromium (Debian's `chromium`; skipped without it, a failure with
 # CI=true): the file browser, notebooks 00, 07 and 08 run from the Run menu, the viewer, the rig, the GIF, the
