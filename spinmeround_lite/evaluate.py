@@ -458,7 +458,6 @@ def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0,
     plan = S.plan_sampler(parts, sampler, steps, cfg_scale)
     m, P, codec = plan.model, parts.profile, parts.codec
     counter = sampling.NetworkCounter(m)
-    sig_a = None if plan.name in ("euler", "heun") else plan.sigmas         # step A: the profile's schedule
     kw = dict(solver=plan.solver, sigmas=plan.sigmas)
     steps, cfg_scale = plan.steps, plan.cfg_scale
     dev = parts.device
@@ -474,7 +473,7 @@ def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0,
         if variant.normals:
             with counter, counter.phase("A"):
                 z_in = S.infer_normals(m, P, z_img, id_emb, yaw=input_yaw, steps=steps, seed=seed,
-                                       solver=plan.solver, sigmas=sig_a)[0].cpu()
+                                       solver=plan.solver, sigmas=plan.sigmas_a)[0].cpu()
         else:
             z_in = torch.cat([z_img[0].cpu(), torch.zeros(4, h, h)])
         with counter, counter.phase("B"):

@@ -409,11 +409,22 @@ def test_student_samples_in_its_steps_with_one_call_each(student_parts):
     res = spin(render_like(), n_views=12, parts=student_parts, progress=False, sampler="student")
     net = res.info["network"]
     assert res.info["steps"] == 2 and res.info["sampler"] == "student"
-    assert net["A"]["calls"] == 2 and net["B"] == {"calls": 2, "view_evaluations": 2 * 8}    # guidance folded in
+    # step A takes every other level of the student's schedule and its last: 1 call for 2 steps
+    assert net["A"] == {"calls": 1, "view_evaluations": 1}
+    assert net["B"] == {"calls": 2, "view_evaluations": 2 * 8}                                 # guidance folded in
     assert net["C"]["calls"] == 2 * _expected_c_calls(12)[0]
     assert res.info["sigmas"][-1] == 0 and len(res.info["sigmas"]) == 3
     assert spin(render_like(), n_views=12, parts=student_parts, progress=False, sampler="student",
                 steps=2).info["network"] == net
+
+
+def test_step_a_of_a_student_takes_every_other_level_and_the_last():
+    from spinmeround_lite.spinning import student_step_a_sigmas
+
+    four = torch.tensor([80.0, 5.0, 1.118, 0.25, 0.0], dtype=torch.float64)
+    assert student_step_a_sigmas(four).tolist() == [80.0, 1.118, 0.0]              # 2 calls where B and C take 4
+    assert student_step_a_sigmas(four[[0, 1, 2, 4]]).tolist() == [80.0, 1.118, 0.0]
+    assert student_step_a_sigmas(four[[0, 4]]).tolist() == [80.0, 0.0]
 
 
 def test_sampler_mismatches_are_clear_errors(parts, student_parts, tmp_path):
