@@ -75,7 +75,7 @@ ALLOWED_PERCENT: dict[str, str] = {
 
 ALLOWED_COUNTS: dict[str, str] = {
     "76 of 77": "prompt positions after the id token (solution 01)",
-    "4 of 40": "a checkpoint every 4 of 40 steps (solution 05)",
+    "4 of 20": "a checkpoint every 4 of 20 steps (solution 05)",
 }
 
 DECIMAL = re.compile(r"(?<![\w.])[-+\u2212]?\d+\.\d+(?![\w.]*\w)")
