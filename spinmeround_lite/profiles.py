@@ -362,10 +362,12 @@ DRY_RUN_BANNER = ("DRY RUN: {profile} sizes with every count cut to the least (a
 
 def dry_run_overrides(profile: "str | Profile") -> dict:
     """Overrides that keep ``profile``'s sizes (image and latent resolution, model widths and depths, views per
-    sample, rig views, its 16-bit autocast where the CPU has it) and cut every count: identities, training and
-    sampler steps, batch, evaluation heads and angles, splatting iterations."""
+    sample, its 16-bit autocast where the CPU has it) and cut every count: identities and their rig views (25: the
+    same rig code, a fifth of the images to render, encode and evaluate), training and sampler steps, batch,
+    evaluation heads and angles, splatting iterations."""
     p = get_profile(profile)
     o = {"dry_run": True, "identities": 6, "heldout_identities": 2, "extra_train_identities": 0,
+         "views_per_identity": min(p.views_per_identity, 25),
          "extra_heldout_identities": 0, "id_train_steps": 2, "id_batch": min(p.id_batch, 32),
          "vae_steps": 2, "vae_batch": 2, "vae_decoder_steps": 2 if p.vae_decoder_steps else 0,
          "train_steps": 2, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "sample_every": 2,

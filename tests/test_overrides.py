@@ -171,8 +171,9 @@ def test_dry_run_keeps_sizes_cuts_counts_and_says_it_everywhere(tmp_path):
     gpu = get_profile("gpu")
     dry = apply_overrides("gpu", dry_run_overrides("gpu"))
     for size in ("resolution", "latent_res", "unet_channels", "unet_layers_per_block", "views_per_sample",
-                 "views_per_identity", "vae_channels", "text_hidden", "splat_res"):
+                 "vae_channels", "text_hidden", "splat_res"):
         assert getattr(dry, size) == getattr(gpu, size), size
+    assert dry.views_per_sample <= dry.views_per_identity == 25 < gpu.views_per_identity    # a count, cut
     assert dry.mixed_precision == "bf16" and dry.dry_run
     assert (dry.train_steps, dry.sample_steps, dry.eval_identities) == (2, 2, 1)
     assert dry.identities < gpu.identities and dry.heldout_identities >= dry.check_heads
