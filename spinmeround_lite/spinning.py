@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import cameras, sampling
+from .artifacts import find_model, find_student, student_info
 from .faces import FaceError, align_with_keypoints, choose_backend, face_template, frame_photo  # noqa: F401
 from .profiles import Profile, get_profile
 from .raymaps import profile_raymap
@@ -360,15 +361,15 @@ class SpinParts:
         """The run's trained parts (each built when missing: ``train.ensure_model`` and friends)."""
         from .identity import ensure_encoder
         from .latents import ensure_vae
-        from .train import ensure_model
 
         if run.profile.name == "paper" or run.profile.extra.get("model") == "released":
             from .released import load_parts  # `paper` runs the released weights
             model, codec, encoder, profile = load_parts(device=run.device)
             return cls(model, codec, encoder, profile, "released")
-        from .distill import find_student
-
-        model, source = ensure_model(run, progress=progress)
+        model, source = find_model(run)
+        if model is None:                              # none on disk yet: the trainer makes it (notebook 05)
+            from .train import ensure_model
+            model, source = ensure_model(run, progress=progress)
         student, student_source = find_student(run)
         return cls(model.eval(), ensure_vae(run, progress=progress), ensure_encoder(run, "cond", progress=progress),
                    run.profile, source, student, student_source)
@@ -457,7 +458,6 @@ def plan_sampler(parts: "SpinParts", sampler: str = "euler", steps: int | None =
     if sampler != "student":
         n = int(steps or P.sample_steps)
         return SamplerPlan(sampler, parts.model, sampler, sampler_sigmas(P, sampler, n), cfg_scale, n)
-    from .distill import student_info
 
     if parts.student is None:
         raise SamplerError(
@@ -821,8 +821,6 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     if on_input is not None:
         on_input(img, {"framing": framing, **face})
     if sampler == "student" and parts is None and model is None:    # a missing student stops before any training
-        from .distill import find_student
-
         if run is None:
             run = Run.open(P.name, "", notebook="spin", device=device or "")
         if find_student(run)[0] is None:

@@ -54,7 +54,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import edm
-from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .artifacts import find_model
+from .checkpoints import CheckpointError, load_checkpoint, module_fingerprint, save_checkpoint
 from .latents import BG_SETS
 from .model import SpinModel, model_config
 from .profiles import Profile
@@ -303,17 +304,6 @@ class TrainData:
         if len(self.train_ids) != len(self.train.ids):
             opts["train_identities"] = self.train_ids          # a run on some heads only (the overfit check)
         return opts
-
-
-def module_fingerprint(module) -> str:
-    """A short hash of a module's weights (which identity encoder a model was trained with)."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(f"{t.double().sum().item():.10g}".encode())
-    return h.hexdigest()[:16]
 
 
 def encoder_device(module) -> torch.device:
@@ -601,8 +591,7 @@ class GridMaker:
     def measure(self, model: SpinModel, seed: int = 0, cfg_scale: float | None = None) -> dict:
         """SSIM and normal error of the generated views (all but the given one) against the true renders, and the
         same for the true latents decoded (the autoencoder's ceiling, model-independent: decoded once)."""
-        from .checks import normal_distance
-        from .metrics import ssim
+        from .metrics import normal_distance, ssim
 
         truth, tn, a = (torch.stack(x)[:, 1:].flatten(0, 1) for x in (self.truth, self.truth_normal, self.alpha))
         flat = lambda x: x[:, 1:].flatten(0, 1)
@@ -846,32 +835,11 @@ def ensure_model(run: Run, progress: bool = True) -> tuple[SpinModel, str]:
     training) when missing. A reference model works only with the autoencoder and identity encoder it was
     trained with: a warning says so when the run's differ (their fingerprints are in the model's config).
     """
-    ref = run.reference_dir("spin")
-    if ref is not None:
-        model = SpinModel.load(ref, run.profile, run.device)
-        _warn_foreign_parts(run, model)
-        return model, "reference"
-    folder = run.model_dir("spin")
-    if not Run.is_complete(folder):
-        train(run, progress=progress)
-    return SpinModel.load(folder, run.profile, run.device), "trained"
-
-
-def _warn_foreign_parts(run: Run, model: SpinModel) -> None:
-    """Warn when a loaded model was trained with another autoencoder or identity encoder than the run has."""
-    import warnings
-
-    found = {}
-    if Run.is_complete(run.root / "latents") and (run.root / "latents" / "index.json").exists():
-        found["vae_fingerprint"] = read_json(run.root / "latents" / "index.json").get("vae_fingerprint")
-    if Run.is_complete(run.model_dir("id_cond")):
-        from .identity import ensure_encoder
-        found["id_cond_fingerprint"] = module_fingerprint(ensure_encoder(run, "cond", progress=False))
-    diff = [k for k, v in found.items() if model.config.get(k) not in (None, v)]
-    if diff:
-        warnings.warn(f"the model was trained with another {' and '.join(k.split('_fingerprint')[0] for k in diff)} "
-                      f"than this run's ({', '.join(diff)} differ): its samples will be wrong. Use the reference "
-                      "parts too (reference/<profile>/vae, id_cond) or train the model in this run (notebook 05).")
+    model, source = find_model(run)
+    if model is not None:
+        return model, source
+    train(run, progress=progress)
+    return find_model(run)
 
 
 # ----------------------------------------------------------------------------------------------
