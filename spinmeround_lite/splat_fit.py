@@ -2,7 +2,8 @@
 
 :func:`fit_gaussians`: Gaussians initialised from the views (points carved by the silhouettes in a shell of the
 head's bounding sphere, or random in the sphere), Adam on ``0.8 L1 + 0.2 (1 - SSIM)`` (plus an L1 on the
-silhouette when alphas are given), clone/split by view-space gradient and prune by opacity on a short schedule. The result is a :class:`GaussianScene`: ``render``, ``save_ply`` (the standard 3DGS layout).
+silhouette when alphas are given), clone/split by view-space gradient and prune by opacity on a short schedule.
+The result is a :class:`GaussianScene`: ``render``, ``save_ply`` (the standard 3DGS layout).
 """
 
 from __future__ import annotations
