@@ -346,14 +346,15 @@ def decode_latents(codec, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # the entry point
 # ----------------------------------------------------------------------------------------------
-def _resolve_parts(run, profile, parts, model, codec, encoder, device, progress) -> SpinParts:
+def _resolve_parts(run, profile: Profile, parts, model, codec, encoder, device, progress) -> SpinParts:
+    """The parts a spin samples with: ``parts``; else the injected ``model``, ``codec``, ``encoder``; else the
+    run's (a run of ``profile`` opened here when none is given), with any injected part in place of its own."""
     if parts is not None:
         return parts
     if model is not None and codec is not None and encoder is not None:
-        p = run.profile if run is not None else get_profile(profile or os.environ.get("SMR_PROFILE") or "cpu")
-        return SpinParts(model, codec, encoder, p)
+        return SpinParts(model, codec, encoder, run.profile if run is not None else profile)
     if run is None:
-        run = Run.open(profile or "", "", notebook="spin", device=device or "")
+        run = Run.open(profile.name, "", notebook="spin", device=device or "")
     base = SpinParts.from_run(run, progress=progress)
     return SpinParts(model or base.model, codec or base.codec, encoder or base.encoder, run.profile,
                      "injected" if model is not None else base.source)
@@ -406,7 +407,7 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
             run = Run.open(P.name, "", notebook="spin", device=device or "")
         if find_student(run)[0] is None:
             plan_sampler(SpinParts(None, None, None, run.profile), "student")      # raises SamplerError
-    parts = _resolve_parts(run, P.name, parts, model, codec, encoder, device, progress)
+    parts = _resolve_parts(run, P, parts, model, codec, encoder, device, progress)
     P = parts.profile
     plan = plan_sampler(parts, sampler, steps, cfg_scale)
     m, sig, solver = plan.model, plan.sigmas, plan.solver
