@@ -11,9 +11,9 @@ import numpy as np
 from .eval_scoring import METRICS
 from .eval_stats import BOOTSTRAP, comparisons, paired_bootstrap
 
-# The paper's table (METHOD.md section 7): L2, LPIPS, SSIM, ID ArcFace, ID VGGFace on NeRSemble, 16 angles.
 METRIC_LABELS = {"l2": "L2 ↓", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "id_sim_cond": "ID cond ↑",
                  "id_sim_eval": "ID eval ↑", "normal_angle_err_deg": "Normal err ° ↓", "face_found": "face found"}
+# The paper's table (METHOD.md section 7): L2, LPIPS, SSIM, ID ArcFace, ID VGGFace on NeRSemble, 16 angles.
 PAPER_TABLE = {
     "PanoHead": {"l2": 0.012, "lpips": 0.32, "ssim": 0.65, "id_sim_cond": 0.27, "id_sim_eval": 0.88},
     "SV3D": {"l2": 0.087, "lpips": 0.41, "ssim": 0.66, "id_sim_cond": 0.36, "id_sim_eval": 0.881},

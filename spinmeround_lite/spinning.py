@@ -129,10 +129,6 @@ def view_rays(profile: Profile, yaws, pitch: float = 0.0) -> tuple[torch.Tensor,
     return c2w, K, rays
 
 
-def _sigmas(profile: Profile, steps: int | None):
-    return sampling.profile_sigmas(profile, steps)
-
-
 def _gens(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
@@ -169,7 +165,7 @@ def generate_views(model, profile: Profile, target_yaws, cond: torch.Tensor | No
     denoise = sampling.cfg_denoiser(model, cond_full, mask, rays.to(device), id_emb, scale=scale)
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for {B} samples: give one per sample")
-    sig = _sigmas(profile, steps) if sigmas is None else sigmas
+    sig = sampling.profile_sigmas(profile, steps) if sigmas is None else sigmas
     x = sampling.sample(denoise, cond_full.shape, sig, _gens(seeds), solver=solver,
                         cond=cond_full, mask=mask, device=device, progress=progress)
     return x[:, M:]
@@ -216,7 +212,7 @@ def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Te
         from .released import ddpm_sigmas
         sigmas = ddpm_sigmas(steps or profile.sample_steps)
     else:
-        sigmas = _sigmas(profile, steps)
+        sigmas = sampling.profile_sigmas(profile, steps)
     if method == "guidance":
         eta = sampling.stable_inpaint_step(sigmas) if step is None else step
         guide = sampling.ReconstructionGuidance(known, M, weight=None, step=eta)

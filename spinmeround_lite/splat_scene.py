@@ -16,9 +16,6 @@ from .splat_render import rasterize
 SH_C0 = 0.28209479177387814  # zeroth spherical-harmonic basis: rgb = 0.5 + SH_C0 * f_dc in a 3DGS .ply
 
 
-# ================================================================================================
-# the scene and its .ply
-# ================================================================================================
 @dataclass
 class GaussianScene:
     """A fitted set of N Gaussians (activated values): means (N, 3), quats (N, 4) wxyz unit, scales (N, 3),

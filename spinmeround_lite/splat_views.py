@@ -11,9 +11,6 @@ import torch.nn.functional as F
 VIEWS_FILE = "views.npz"
 
 
-# ================================================================================================
-# views: the spin's on-disk format, resizing
-# ================================================================================================
 def load_views(folder: str | Path) -> dict:
     """Read ``folder/views.npz`` (the spin's views) into the dataset's view dict.
 

@@ -121,8 +121,8 @@ def lr_at(step: int, total_steps: int, profile: Profile) -> float:
 
     A linear warm-up (``warmup_steps``) to ``profile.lr``, constant, and over the last ``profile.lr_decay_steps``
     steps a cosine decay to 5 % of it: a constant rate keeps the weights moving around the minimum (the EMA averages
-    that out only in part); letting it fall at the end is what sharpens the fine detail (measured in issue 12's
-    overfit check).
+    that out only in part); letting it fall at the end is what sharpens the fine detail (measured by the overfit
+    check, ``tools/overfit_check.py``).
     """
     rate = profile.lr * min(1.0, (step + 1) / warmup_steps(total_steps))
     decay = min(int(profile.lr_decay_steps), total_steps)
