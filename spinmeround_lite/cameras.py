@@ -133,11 +133,6 @@ def project(points: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor) -> tuple[t
     return uv[..., :2] / uv[..., 2:3], z
 
 
-def world_to_camera_dirs(vectors: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
-    """Rotate world vectors (..., 3) into camera axes (OpenCV) of ``c2w`` (4, 4)."""
-    return vectors @ c2w[:3, :3]
-
-
 # ----------------------------------------------------------------------------------------------
 # the released SpinMeRound code's camera convention (a named option, used with the released weights)
 # ----------------------------------------------------------------------------------------------

@@ -69,3 +69,14 @@ def _norm(v):
     if isinstance(v, dict):
         return {k: _norm(x) for k, x in v.items()}
     return v
+
+
+def module_fingerprint(module) -> str:
+    """A short hash of a module's weights (which identity encoder a model was trained with)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(f"{t.double().sum().item():.10g}".encode())
+    return h.hexdigest()[:16]

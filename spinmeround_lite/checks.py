@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .metrics import normal_distance
 from .spinning import decode_latents, generate_views
 
 
@@ -61,20 +62,6 @@ def render_at(params, yaws, resolution: int, chunk: int = 65536) -> dict:
     return {"rgb": first(out["rgb"]).clamp(0, 1), "alpha": out["alpha"].float()[:, None].contiguous(),
             "normal": F.normalize(first(out["normal"]), dim=1),
             "normal_rgb": first(normal_to_rgb(out["normal"], out["alpha"]))}
-
-
-def normal_distance(pred_rgb: torch.Tensor, true_rgb: torch.Tensor, true_alpha: torch.Tensor) -> torch.Tensor:
-    """Mean normal-map angle error (degrees) between normal *images* (N,3,H,W) over the head pixels of either.
-
-    The generated head's pixels are those whose decoded normal image is not background white; a background pixel
-    decodes to the vector (1,1,1)/sqrt(3), so a head drawn where the truth has none (or the reverse) costs its
-    angle. -> (N,).
-    """
-    pv = metrics.normal_rgb_to_vec(pred_rgb)
-    tv = metrics.normal_rgb_to_vec(true_rgb)
-    gen_mask = (pred_rgb.min(dim=1, keepdim=True).values < 0.9).float()
-    mask = torch.maximum(gen_mask, (true_alpha > 0.5).float())
-    return metrics.normal_angle_error_deg(pv, tv, mask)
 
 
 # ----------------------------------------------------------------------------------------------

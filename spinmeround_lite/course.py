@@ -45,7 +45,7 @@ from .profiles import (
 )
 from .runs import RunFolderMismatch, claim_run_folder, clean_figure, find_repo_root, read_json, write_json
 
-# The figures each notebook must record (the course's contract with its issues); the runner lists any missing.
+# The figures each notebook must record (what the course promises to measure); the runner lists any missing.
 REQUIRED_FIGURES: dict[str, tuple[str, ...]] = {
     "00_procedural_heads": ("identities", "views_per_identity", "resolution", "render_views_per_s", "mean_head_ssim"),
     "01_identity_tokens": ("same_id_cos", "diff_id_cos", "verification_auc", "context_shape"),

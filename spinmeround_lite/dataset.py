@@ -54,21 +54,19 @@ def identity_name(index: int) -> str:
     return f"id{index:05d}"
 
 
-def extra_heldout_indices(profile: Profile | str) -> list[int]:
-    """Identity indices of ``profile.extra_heldout_identities``: ``EXTRA_HELDOUT_OFFSET + j``.
+def extra_heldout_indices(P: Profile) -> list[int]:
+    """Identity indices of ``P.extra_heldout_identities``: ``EXTRA_HELDOUT_OFFSET + j``.
 
     They come from a range of head seeds no training set uses (training extras count up from ``identities``), so
     the held-out split can grow without touching any trained model: a reference trained before they existed has
     still never seen them.
     """
-    P = get_profile(profile)
     return [EXTRA_HELDOUT_OFFSET + j for j in range(P.extra_heldout_identities)]
 
 
-def heldout_names(profile: Profile | str) -> list[str]:
-    """The held-out split a dataset of ``profile`` holds: the last ``heldout_identities`` of the first
+def heldout_names(P: Profile) -> list[str]:
+    """The held-out split a dataset of profile ``P`` holds: the last ``heldout_identities`` of the first
     ``identities``, then the evaluation-only heads."""
-    P = get_profile(profile)
     first = range(P.identities - P.heldout_identities, P.identities)
     return [identity_name(i) for i in list(first) + extra_heldout_indices(P)]
 

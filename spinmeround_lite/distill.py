@@ -44,7 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sampling
-from .checkpoints import CheckpointError
+from .artifacts import find_student, load_student, student_info  # noqa: F401 (the student's loaders, here too)
+from .checkpoints import module_fingerprint
 from .model import SpinModel
 from .profiles import Profile, get_profile
 from .runs import Run, read_json, write_json
@@ -84,39 +85,6 @@ def as_student(model: SpinModel, profile: Profile | str, steps: int = STUDENT_ST
     model.config["student"] = {"steps": int(steps), "sigmas": [float(s) for s in sig],
                                "cfg_scale": float(p.cfg_scale if cfg_scale is None else cfg_scale), **info}
     return model
-
-
-def student_info(model) -> dict:
-    """The ``student`` entry of a student's config: steps, sigmas (steps + 1), cfg_scale (folded in), ..."""
-    info = getattr(model, "config", {}).get("student")
-    if not info:
-        raise CheckpointError("this model is no distilled student (its config has no 'student' entry): load one "
-                              "saved by spinmeround_lite.distill, e.g. reference/<profile>/student")
-    return info
-
-
-def load_student(folder: str | os.PathLike, profile: Profile | str, device: str | torch.device = "cpu") -> SpinModel:
-    """A saved student (``SpinModel.load`` + its ``student`` entry); a teacher's folder -> ``CheckpointError``."""
-    folder = Path(folder)
-    if not Run.is_complete(folder):
-        raise FileNotFoundError(f"{folder} holds no finished student (no COMPLETE marker): export one with "
-                                "python -m spinmeround_lite.distill --export, or train it (notebook 12)")
-    model = SpinModel.load(folder, profile, device)
-    info = read_json(folder / "config.json").get("student")
-    if not info:
-        raise CheckpointError(f"{folder} holds a multi-view model but no distilled student (its config.json has no "
-                              "'student' entry); point to a folder that spinmeround_lite.distill exported")
-    model.config["student"] = info
-    return model
-
-
-def find_student(run: Run) -> tuple[SpinModel | None, str]:
-    """The run's student and where it came from: ``reference/<profile>/student`` when the profile uses reference
-    checkpoints and the checkout has one, else the run's ``models/student`` when complete, else ``(None, "")``."""
-    for folder in (run.reference_dir("student"), run.model_dir("student")):
-        if folder is not None and Run.is_complete(folder):
-            return load_student(folder, run.profile, run.device), str(folder)
-    return None, ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +228,6 @@ def distill(run: Run, steps: int = 3000, out: str | os.PathLike | None = None, k
         checkpoint_dirs,
         ensure_model,
         load_training_checkpoint,
-        module_fingerprint,
         plot_loss,
         save_training_checkpoint,
     )

@@ -197,10 +197,6 @@ def keypoints_from_landmarks(lm: np.ndarray) -> np.ndarray:
     return np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[30], lm[48], lm[54]])
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def find_face(img: torch.Tensor, name: str = "the image") -> Face:
     """The largest confident face of a photo (3, H, W) with its landmarks and 5 keypoints (dlib).
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .profiles import get_profile
+from .profiles import Profile, get_profile
 from .runs import write_json
 
 GIB = 2 ** 30
@@ -102,11 +102,10 @@ def activation_bytes(model, profile, batch: int, bits: int) -> tuple[int, int]:
     return meter.bytes, meter.count
 
 
-def training_step_memory(profile_name: str, batches=(1, 2)) -> dict:
-    """Peak memory of one training step of ``profile_name`` at its batch (see the module doc)."""
+def training_step_memory(p: Profile, batches=(1, 2)) -> dict:
+    """Peak memory of one training step of profile ``p`` at its batch (see the module doc)."""
     from .model import SpinModel
 
-    p = get_profile(profile_name)
     torch.manual_seed(0)
     model = SpinModel.from_profile(p, pretrained=False).train()
     n = sum(q.numel() for q in model.parameters())
@@ -130,12 +129,11 @@ def training_step_memory(profile_name: str, batches=(1, 2)) -> dict:
             "total_gib": total / GIB, "measure_seconds": time.perf_counter() - t0}
 
 
-def spin_round_memory(profile_name: str) -> dict:
+def spin_round_memory(p: Profile) -> dict:
     """Memory of one spin round: the round's views (3 given + ``spin_per_round`` targets; steps A and B use
     fewer), both CFG branches in one batch; activations bounded by one training forward's saved tensors."""
     from .model import SpinModel
 
-    p = get_profile(profile_name)
     torch.manual_seed(0)
     model = SpinModel.from_profile(p, pretrained=False).eval()
     n = sum(q.numel() for q in model.parameters())
@@ -153,14 +151,13 @@ def spin_round_memory(profile_name: str) -> dict:
             parts.items()}, "total_gib": sum(parts.values()) / GIB}
 
 
-def flops_counts(profile_name: str) -> dict:
+def flops_counts(p: Profile) -> dict:
     """FLOPs of one training step (forward + backward at the profile's batch) and of one spin denoiser call."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .bench import train_step_flops
     from .model import SpinModel
 
-    p = get_profile(profile_name)
     model = SpinModel.from_profile(p, pretrained=False)
     step1 = train_step_flops(model, _random_inputs(p, 1), torch.device("cpu"))
     q = p.replace(views_per_sample=8)
@@ -179,12 +176,11 @@ def spin_calls(profile) -> int:
     return profile.sample_steps * (2 + rounds)
 
 
-def gpu_time_estimate(profile_name: str, flops: dict, peak_tflops: float, utilisation: float) -> dict:
+def gpu_time_estimate(p: Profile, flops: dict, peak_tflops: float, utilisation: float) -> dict:
     """The course's model work on a GPU, on paper: training (notebook 05), the ablations' training (notebook 09,
     three variants and the full model at ``ablation_steps``), and spins (notebook 07's spin, notebook 09's
     ``eval_identities`` inputs x (model + 3 ablations + the full model at the ablation budget), notebook 10's photo).
     Left out: data rendering, the encoders and the autoencoder, splatting, decoding; stated as such."""
-    p = get_profile(profile_name)
     rate = peak_tflops * 1e12 * utilisation
     train = p.train_steps * flops["train_step_flops"]
     ablations = 4 * p.ablation_steps * flops["train_step_flops"]
@@ -198,12 +194,13 @@ def gpu_time_estimate(profile_name: str, flops: dict, peak_tflops: float, utilis
 
 
 def report(profile_name: str) -> dict:
+    """Everything ``python -m spinmeround_lite.memory --profile NAME`` reports; the profile is resolved here, once."""
     p = get_profile(profile_name)
     out = {"command": f"python -m spinmeround_lite.memory --profile {profile_name}", "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "training_step": training_step_memory(profile_name),
-           "spin_round": spin_round_memory(profile_name), "flops": flops_counts(profile_name)}
+           "threads": torch.get_num_threads(), "training_step": training_step_memory(p),
+           "spin_round": spin_round_memory(p), "flops": flops_counts(p)}
     if p.name == "colab":
-        out["t4"] = dict(T4, estimate={u: gpu_time_estimate(profile_name, out["flops"], T4["fp16_tensor_tflops"], u)
+        out["t4"] = dict(T4, estimate={u: gpu_time_estimate(p, out["flops"], T4["fp16_tensor_tflops"], u)
                                        for u in (0.15, 0.25, 0.35)})
     return out
 

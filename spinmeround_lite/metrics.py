@@ -6,7 +6,8 @@ Images are float tensors in [0, 1], ``(N, 3, H, W)`` (or ``(3, H, W)``); each me
 * ``lpips``: AlexNet LPIPS computed here from local safetensors weights (``weights/lpips/``); the course ships
   none, so ``lpips_available()`` says why it is missing and the evaluation reports the figure as null.
 * ``identity_similarity``: cosine of two identity encoders' embeddings (conditioning / independent evaluation).
-* ``normal_angle_error_deg``: mean angle between normal maps inside the silhouette.
+* ``normal_angle_error_deg``: mean angle between normal maps inside the silhouette; ``normal_distance``: the same
+  between normal *images*, over the head pixels of either (the trainer's sample grids, notebook 07's checks).
 * ``cosine``, ``roc_auc``: for embeddings (notebook 01).
 """
 
@@ -80,6 +81,20 @@ def normal_angle_error_deg(n_pred: torch.Tensor, n_true: torch.Tensor,
 def normal_rgb_to_vec(normal_rgb: torch.Tensor) -> torch.Tensor:
     """Decode a normal image in [0, 1] to unit vectors: n = normalize(2 * rgb - 1). (..., 3, H, W)."""
     return F.normalize(normal_rgb * 2 - 1, dim=-3)
+
+
+def normal_distance(pred_rgb: torch.Tensor, true_rgb: torch.Tensor, true_alpha: torch.Tensor) -> torch.Tensor:
+    """Mean normal-map angle error (degrees) between normal *images* (N,3,H,W) over the head pixels of either.
+
+    The generated head's pixels are those whose decoded normal image is not background white; a background pixel
+    decodes to the vector (1,1,1)/sqrt(3), so a head drawn where the truth has none (or the reverse) costs its
+    angle. -> (N,).
+    """
+    pv = normal_rgb_to_vec(pred_rgb)
+    tv = normal_rgb_to_vec(true_rgb)
+    gen_mask = (pred_rgb.min(dim=1, keepdim=True).values < 0.9).float()
+    mask = torch.maximum(gen_mask, (true_alpha > 0.5).float())
+    return normal_angle_error_deg(pv, tv, mask)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

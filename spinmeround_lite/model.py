@@ -33,9 +33,8 @@ LATENT_CHANNELS = 8   # image latent (4) + normal latent (4)
 KIND = "spinmeround-lite/SpinModel-v1"
 
 
-def model_config(profile: Profile | str, sigma_data: float = edm.SIGMA_DATA, prediction: str = "v") -> dict:
-    """Everything that fixes the shapes and meaning of a ``SpinModel`` checkpoint of ``profile``."""
-    p = get_profile(profile)
+def model_config(p: Profile, sigma_data: float = edm.SIGMA_DATA, prediction: str = "v") -> dict:
+    """Everything that fixes the shapes and meaning of a ``SpinModel`` checkpoint of profile ``p``."""
     keys = ["resolution", "vae_channels", "vae_latent_channels", "ray_origin_freqs", "ray_dir_freqs",
             "ray_origin_min_freq_log2", "ray_dir_min_freq_log2",
             "unet_channels", "unet_layers_per_block", "unet_head_dim", "unet_heads", "unet_attn_levels",
@@ -81,11 +80,11 @@ class SpinModel(nn.Module):
         return cls(unet, IdentityContext(p), sigma_data, prediction, config=model_config(p, sigma_data, prediction))
 
     @classmethod
-    def from_config(cls, profile: Profile | str, config: dict) -> "SpinModel":
-        """An untrained model with the architecture a saved ``config`` describes (its ``mvunet`` entry)."""
+    def from_config(cls, p: Profile, config: dict) -> "SpinModel":
+        """An untrained model of profile ``p`` with the architecture a saved ``config`` describes (its ``mvunet``
+        entry)."""
         from .mvunet import MultiViewUNet
         from .tokens import IdentityContext
-        p = get_profile(profile)
         sd, pred = config.get("sigma_data", edm.SIGMA_DATA), config.get("prediction", "v")
         if "mvunet" not in config:
             return cls.from_profile(p, pretrained=False, sigma_data=sd, prediction=pred)

@@ -26,319 +26,51 @@ Users call ``spin``::
     python -m spinmeround_lite.spin face.jpg --views 48 --out out/ [--profile cpu] [--no-align] [--steps 20]
                                     [--sampler euler|heun|dpm2m|student] [--face-backend auto|dlib|insightface]
 
-Inputs: a path, a PIL image, or an array/tensor; any size and mode (RGBA composited on white, grayscale to RGB,
-16-bit scaled). Framing: the model knows heads framed as the rig renders them (``cameras``): a square image
-whose left and right edges are plain white is taken as such a render and used as it is. Any other image is
-aligned like a photo (``faces``, notebook 10): a face detector finds the largest face and its 5 keypoints (eye
-centres, nose tip, mouth corners), a similarity transform puts them where the procedural heads' eyes, nose tip
-and mouth corners appear in a frontal render (the PanoHead/FFHQ idea of a keypoint-defined crop, with this
-course's framing), and GrabCut replaces the background by white. The face backend (``face_backend``,
-``--face-backend``): ``auto`` uses insightface's SCRFD detector where its file is present and otherwise the
-shipped dlib detector and 68 landmarks; the choice is printed by the CLI and recorded in ``info``. A photo
-without a usable face stops with ``AlignmentError`` (``faces.FaceError``) naming it; ``align=False``
-(``--no-align``) skips alignment for an image that is already a square, centred head (a non-square one is
-padded with white).
+Around the steps, one module each (their names importable from here too): ``photo`` reads and frames the input,
+``spin_samplers`` plans the sampler (notebook 12), ``spin_result`` holds the result and its files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import cameras, sampling
+from .artifacts import find_model, find_student
 from .faces import FaceError, align_with_keypoints, choose_backend, face_template, frame_photo  # noqa: F401
+from .photo import (  # noqa: F401 (the input of a spin, importable from here)
+    DETECTOR,
+    ENV_WEIGHTS,
+    MAX_PHOTO_SIDE,
+    MIN_SIDE,
+    AlignmentError,
+    ImageError,
+    align_photo,
+    as_displayed,
+    load_image,
+    looks_like_render,
+    prepare_input,
+    resize_square,
+    weights_root,
+)
 from .profiles import Profile, get_profile
 from .raymaps import profile_raymap
-from .runs import Run, atomic_path, find_repo_root, write_gif, write_json
+from .runs import Run
+from .spin_result import SpinResult
+from .spin_samplers import (  # noqa: F401
+    SAMPLERS, SamplerError, SamplerPlan, plan_sampler, sampler_sigmas, student_step_a_sigmas)
 
 IMAGE_CHANNELS = slice(0, 4)         # latent channels of the image
 NORMAL_CHANNELS = slice(4, 8)        # latent channels of the normal map
-MIN_SIDE = 16                        # smallest input image side accepted
-DETECTOR = Path("insightface") / "antelopev2" / "scrfd_10g_bnkps.onnx"
-ENV_WEIGHTS = "SMR_WEIGHTS"          # folder of external model files (default: <checkout>/weights)
-
-
-class ImageError(ValueError):
-    """An input image that cannot be read or used; the message names it and says what to do."""
-
-
-AlignmentError = FaceError   # a photo could not be aligned (no face, a face too small, no face models)
-
-
-# ----------------------------------------------------------------------------------------------
-# reading images
-# ----------------------------------------------------------------------------------------------
-def load_image(src, name: str | None = None) -> torch.Tensor:
-    """Any image -> float RGB (3, H, W) in [0, 1], composited on white.
-
-    ``src``: a file path, a PIL image, a numpy array (H, W), (H, W, 1..4) or a tensor (C, H, W) / (1, C, H, W).
-    uint8 is scaled by 1/255, uint16 by 1/65535; floats must lie in [0, 1]. RGBA and LA are composited on white,
-    grayscale is repeated to RGB, palette and other PIL modes are converted. Errors (``ImageError``,
-    ``FileNotFoundError``) name the input.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file. Give the path of an image file (PNG, JPEG, ...).")
-        if path.is_dir():
-            raise ImageError(f"{path} is a folder; give the path of one image file")
-        try:
-            with Image.open(path) as im:
-                _shrink_on_load(im)
-                im.load()
-                im = as_displayed(im, str(path))
-        except UnidentifiedImageError:
-            kind = _container_kind(path)
-            if kind:
-                raise ImageError(f"{path} is a {kind} file, which PIL cannot read without a plugin: convert it to "
-                                 "JPEG or PNG (phones: the camera's 'Most compatible' format), or "
-                                 "`pip install pillow-heif`") from None
-            raise ImageError(f"{path} is not an image file this package can read (PIL does not recognise it); "
-                             "give a PNG or JPEG") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError(f"{path} is corrupt or truncated ({e}); re-export or re-download it") from None
-        return _from_pil(im, str(path))
-    if isinstance(src, Image.Image):
-        return _from_pil(as_displayed(src, name or "the PIL image"), name or "the PIL image")
-    if isinstance(src, torch.Tensor):
-        t = src.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim == 3 and t.shape[0] in (1, 2, 3, 4) and t.shape[-1] not in (1, 2, 3, 4):
-            t = t.permute(1, 2, 0)                           # (C, H, W) -> (H, W, C)
-        return _from_array(t.numpy(), name or "the tensor")
-    if isinstance(src, np.ndarray):
-        return _from_array(src, name or "the array")
-    raise ImageError(f"cannot read an image from a {type(src).__name__}: pass a file path, a PIL image, "
-                     "a numpy array (H, W[, C]) or a tensor (C, H, W)")
-
-
-MAX_PHOTO_SIDE = 4096    # longer photos are shrunk to this side while decoding (a 48 MP photo holds ~0.6 GB as floats)
-
-
-def _shrink_on_load(im) -> None:
-    """Let a JPEG decode at a reduced scale (DCT scaling, exact to a power of two) when it is far above
-    ``MAX_PHOTO_SIDE``; other formats are resized after orientation in ``as_displayed``."""
-    if im.format == "JPEG" and max(im.size) > 2 * MAX_PHOTO_SIDE:
-        scale = max(im.size) / MAX_PHOTO_SIDE
-        im.draft(im.mode, (round(im.size[0] / scale), round(im.size[1] / scale)))
-
-
-def _container_kind(path: Path) -> str:
-    """'HEIC/HEIF' or 'AVIF' when the file is an ISO media container of that brand (what phones store), else ''."""
-    try:
-        head = path.read_bytes()[:16] if path.stat().st_size < 1 << 30 else b""
-    except OSError:
-        return ""
-    if head[4:8] != b"ftyp":
-        return ""
-    brand = head[8:12]
-    if brand in (b"heic", b"heix", b"hevc", b"hevx", b"mif1", b"msf1", b"heim", b"heis"):
-        return "HEIC/HEIF"
-    return "AVIF" if brand in (b"avif", b"avis") else ""
-
-
-def as_displayed(im, name: str = "the image"):
-    """A PIL image as every image viewer shows it: the recorded orientation applied, colours in sRGB, the first
-    frame, at most ``MAX_PHOTO_SIDE`` pixels long.
-
-    Cameras and phones store a photo in the sensor's orientation and record the turn in its EXIF ``Orientation``
-    tag (values 2-8: rotations and mirrorings); a face stored sideways is not found by a detector, so the tag is
-    applied first and then dropped. A photo with an embedded colour profile (Display P3 on phones, Adobe RGB on
-    cameras) is converted to sRGB, the space the course's images and models live in. Multi-picture files (MPO from
-    some cameras, animated GIFs) give their first frame.
-    """
-    from PIL import Image, ImageOps
-
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)
-    try:
-        out = ImageOps.exif_transpose(im)
-    except (ValueError, OSError, SyntaxError, TypeError) as e:          # an unreadable EXIF block: keep the pixels
-        warnings.warn(f"{name}: its EXIF data cannot be read ({e}); using the pixels as stored", stacklevel=2)
-        out = im.copy()
-    icc = out.info.get("icc_profile")
-    if icc and out.mode in ("RGB", "RGBA", "CMYK"):
-        out = _to_srgb(out, icc, name)
-    if max(out.size) > MAX_PHOTO_SIDE:
-        f = MAX_PHOTO_SIDE / max(out.size)
-        out = out.resize((max(1, round(out.size[0] * f)), max(1, round(out.size[1] * f))), Image.Resampling.LANCZOS)
-    return out
-
-
-def _to_srgb(im, icc: bytes, name: str):
-    """Convert ``im`` from its embedded ICC profile to sRGB (alpha kept); unchanged when the profile is sRGB
-    already or cannot be read."""
-    import io
-
-    try:
-        from PIL import ImageCms
-
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        desc = (ImageCms.getProfileDescription(src) or "").strip()
-        if "srgb" in desc.lower().replace(" ", ""):
-            return im
-        alpha = im.getchannel("A") if im.mode == "RGBA" else None
-        base = im.convert("RGB") if im.mode == "RGBA" else im
-        out = ImageCms.profileToProfile(base, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except Exception as e:   # noqa: BLE001 -- a broken profile must not stop a spin: say so, keep the pixels
-        warnings.warn(f"{name}: its colour profile cannot be applied ({e}); reading its values as sRGB",
-                      stacklevel=3)
-        return im
-    if alpha is not None:
-        out.putalpha(alpha)
-    out.info.pop("icc_profile", None)
-    return out
-
-
-def _from_pil(im, name: str) -> torch.Tensor:
-    mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16"):
-            a = a / 65535.0                                   # 16-bit grayscale
-        elif mode == "I":
-            a = a / (65535.0 if a.max() > 255 else 255.0)     # 16-bit PNGs may open as 32-bit "I"
-        elif a.max() > 1.0:
-            a = a / (255.0 if a.max() <= 255 else 65535.0)
-        return _from_array(a.astype(np.float32), name)
-    if mode in ("P", "PA", "LA", "La", "RGBa"):
-        im = im.convert("RGBA")
-    elif mode not in ("RGB", "RGBA", "L"):
-        try:
-            im = im.convert("RGB")                            # 1, CMYK, YCbCr, LAB, HSV, RGBX, ...
-        except (ValueError, OSError) as e:
-            raise ImageError(f"{name} has PIL mode {mode!r}, which cannot be converted to RGB ({e})") from None
-    return _from_array(np.asarray(im), name)
-
-
-def _from_array(a: np.ndarray, name: str) -> torch.Tensor:
-    a = np.asarray(a)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
-        raise ImageError(f"{name} has shape {a.shape}; an image is (H, W), (H, W, C) or (C, H, W) with 1-4 "
-                         "channels (gray, gray+alpha, RGB, RGBA)")
-    if a.dtype == np.bool_:
-        x = a.astype(np.float32)
-    elif a.dtype == np.uint8:
-        x = a.astype(np.float32) / 255.0
-    elif a.dtype == np.uint16:
-        x = a.astype(np.float32) / 65535.0
-    elif np.issubdtype(a.dtype, np.integer):
-        hi = int(a.max()) if a.size else 0
-        if a.min() < 0 or hi > 65535:
-            raise ImageError(f"{name} holds integers outside 0..65535; give 8-bit or 16-bit pixel values")
-        x = a.astype(np.float32) / (255.0 if hi <= 255 else 65535.0)
-    elif np.issubdtype(a.dtype, np.floating):
-        x = a.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise ImageError(f"{name} contains NaN or infinite values")
-        if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-            raise ImageError(f"{name} is a float image with values in [{x.min():.3g}, {x.max():.3g}]; float "
-                             "images must lie in [0, 1] (divide 8-bit values by 255)")
-        x = x.clip(0, 1)
-    else:
-        raise ImageError(f"{name} has dtype {a.dtype}; give uint8, uint16 or float pixels")
-    H, W, C = x.shape
-    if min(H, W) < MIN_SIDE:
-        raise ImageError(f"{name} is {W}x{H} pixels; the smallest accepted side is {MIN_SIDE}")
-    if C in (2, 4):                                           # composite on white by alpha
-        alpha = x[..., -1:]
-        x = x[..., :-1] * alpha + (1.0 - alpha)
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).contiguous()
-
-
-def looks_like_render(img: torch.Tensor, white: float = 0.95, share: float = 0.95) -> bool:
-    """Is ``img`` (3, H, W) framed like a rig render? Square, with plain white left and right edges.
-
-    The renders' background is pure white and only the neck reaches the image border (at the bottom), so both
-    side columns are white; photos almost never are.
-    """
-    H, W = img.shape[-2:]
-    if H != W:
-        return False
-    w = img.min(0).values >= white                           # (H, W) white pixels
-    return bool(w[:, 0].float().mean() >= share and w[:, -1].float().mean() >= share)
-
-
-def resize_square(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Pad (3, H, W) to a centred square with white, then resize (antialiased) to (3, size, size)."""
-    H, W = img.shape[-2:]
-    if H != W:
-        s = max(H, W)
-        out = torch.ones(3, s, s, dtype=img.dtype)
-        out[:, (s - H) // 2:(s - H) // 2 + H, (s - W) // 2:(s - W) // 2 + W] = img
-        img = out
-    if img.shape[-1] != size:
-        img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return img.clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# aligning photos: face backend -> 5 keypoints -> the renders' framing, on white (faces.py)
-# ----------------------------------------------------------------------------------------------
-def weights_root(weights_dir: str | os.PathLike | None = None) -> Path:
-    """Folder of external model files: ``weights_dir``, else ``$SMR_WEIGHTS``, else ``<checkout>/weights``."""
-    if weights_dir:
-        return Path(weights_dir)
-    if os.environ.get(ENV_WEIGHTS):
-        return Path(os.environ[ENV_WEIGHTS])
-    root = find_repo_root(Path(__file__).parent) or find_repo_root()
-    return (root / "weights") if root else Path("weights")
-
-
-def align_photo(img: torch.Tensor, resolution: int, weights_dir: str | os.PathLike | None = None,
-                name: str = "the image", face_backend: str = "auto", details: dict | None = None) -> torch.Tensor:
-    """Frame a photo like the renders (3, R, R): detect the face, its 5 keypoints, align them onto
-    ``face_template(R)``, whiten the background (``faces.frame_photo``).
-
-    ``face_backend``: ``auto`` (insightface when its detector file is present, else the shipped dlib), ``dlib`` or
-    ``insightface``. ``details`` (a dict) receives the backend, why it was chosen, the faces found and the face box.
-    Raises ``AlignmentError`` (``faces.FaceError``) naming the photo when it cannot be aligned.
-    """
-    det_path = weights_root(weights_dir) / DETECTOR
-    backend, reason = choose_backend(face_backend, det_path)
-    framed = frame_photo(img, resolution, backend=backend, name=name, detector_path=det_path)
-    if details is not None:
-        details.update(framed.info(), face_backend_reason=reason)
-    return framed.image
-
-
-def prepare_input(image_or_path, resolution: int, align: bool = True,
-                  weights_dir: str | os.PathLike | None = None, face_backend: str = "auto",
-                  details: dict | None = None) -> tuple[torch.Tensor, str]:
-    """Read and frame the input: (3, R, R) in [0, 1] and how it was framed ("render", "as given", "aligned").
-
-    ``details`` (a dict) receives what aligning a photo found (``align_photo``).
-    """
-    name = str(image_or_path) if isinstance(image_or_path, (str, os.PathLike)) else None
-    img = load_image(image_or_path, name)
-    if looks_like_render(img):
-        return resize_square(img, resolution), "render"
-    if not align:
-        if img.shape[-1] != img.shape[-2]:
-            warnings.warn(f"{name or 'the image'} is {img.shape[-1]}x{img.shape[-2]}, not square; padded with "
-                          "white to a square", stacklevel=2)
-        return resize_square(img, resolution), "as given"
-    return align_photo(img, resolution, weights_dir, name or "the image", face_backend, details), "aligned"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,15 +92,15 @@ class SpinParts:
         """The run's trained parts (each built when missing: ``train.ensure_model`` and friends)."""
         from .identity import ensure_encoder
         from .latents import ensure_vae
-        from .train import ensure_model
 
         if run.profile.name == "paper" or run.profile.extra.get("model") == "released":
             from .released import load_parts  # `paper` runs the released weights
             model, codec, encoder, profile = load_parts(device=run.device)
             return cls(model, codec, encoder, profile, "released")
-        from .distill import find_student
-
-        model, source = ensure_model(run, progress=progress)
+        model, source = find_model(run)
+        if model is None:                              # none on disk yet: the trainer makes it (notebook 05)
+            from .train import ensure_model
+            model, source = ensure_model(run, progress=progress)
         student, student_source = find_student(run)
         return cls(model.eval(), ensure_vae(run, progress=progress), ensure_encoder(run, "cond", progress=progress),
                    run.profile, source, student, student_source)
@@ -398,101 +130,10 @@ def view_rays(profile: Profile, yaws, pitch: float = 0.0) -> tuple[torch.Tensor,
     return c2w, K, rays
 
 
-def _sigmas(profile: Profile, steps: int | None):
-    return sampling.profile_sigmas(profile, steps)
-
-
 def _gens(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-# ----------------------------------------------------------------------------------------------
-# samplers: which model, solver, noise levels and guidance a spin uses (notebook 12)
-# ----------------------------------------------------------------------------------------------
-SAMPLERS = ("euler", "heun", "dpm2m", "student")
-
-
-class SamplerError(ValueError):
-    """A sampler that does not fit the model or the step count asked for; the message says what to do."""
-
-
-@dataclass
-class SamplerPlan:
-    """How a spin samples: ``model`` (the multi-view model or its student), ``solver`` (``sampling.SOLVERS``),
-    ``sigmas`` (N + 1,) ending at 0, ``cfg_scale`` for steps B and C (``None``: the profile's; the student's
-    guidance is folded into its weights, so 1), ``steps`` N; ``sigmas_a``: step A's noise levels (``None``: the
-    profile's schedule of N steps, or the released DDPM one where the profile says so)."""
-    name: str
-    model: object
-    solver: str
-    sigmas: torch.Tensor
-    cfg_scale: float | None
-    steps: int
-    sigmas_a: torch.Tensor | None = None
-
-
-def sampler_sigmas(profile: Profile, sampler: str, steps: int | None = None) -> torch.Tensor:
-    """The noise levels of ``steps`` steps of ``sampler`` (euler, heun, dpm2m): the profile's Karras schedule
-    (``profile.sample_sigma_min`` .. ``sample_sigma_max``, rho 7); ``dpm2m`` uses ``profile.dpm_rho`` and
-    ``profile.dpm_sigma_min``, chosen by measurement (notebook 12, ``tools/few_steps.py``)."""
-    n = int(steps or profile.sample_steps)
-    if sampler == "dpm2m":
-        return sampling.karras_sigmas(n, profile.dpm_sigma_min, profile.sample_sigma_max, profile.dpm_rho)
-    return sampling.profile_sigmas(profile, n)
-
-
-def plan_sampler(parts: "SpinParts", sampler: str = "euler", steps: int | None = None,
-                 cfg_scale: float | None = None) -> SamplerPlan:
-    """Resolve ``sampler`` for ``parts``: the model, solver, schedule and guidance of a spin.
-
-    ``euler``, ``heun``, ``dpm2m``: the multi-view model with that solver, ``steps`` (default: the profile's) and
-    classifier-free guidance. ``student``: the distilled model of ``parts.student`` with the step count and noise
-    levels it was trained for and no separate guidance (it is folded in). Errors (``SamplerError``) name what does
-    not fit: an unknown sampler, a student that is missing, a step count the student was not trained for, a
-    guidance scale other than the one folded into it.
-    """
-    if sampler not in SAMPLERS:
-        raise SamplerError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if steps is not None and int(steps) < 1:
-        raise SamplerError(f"steps must be at least 1, got {steps}")
-    P = parts.profile
-    if sampler != "student":
-        n = int(steps or P.sample_steps)
-        sig = sampler_sigmas(P, sampler, n)
-        return SamplerPlan(sampler, parts.model, sampler, sig, cfg_scale, n,
-                           sigmas_a=None if sampler in ("euler", "heun") else sig)
-    from .distill import student_info
-
-    if parts.student is None:
-        raise SamplerError(
-            f"no distilled student for the {P.name} profile: it is looked for in reference/{P.name}/student and in "
-            f"the run's models/student. Train one (python -m spinmeround_lite.distill --profile {P.name}, notebook "
-            "12) or choose --sampler euler, heun or dpm2m.")
-    info = student_info(parts.student)
-    k = int(info["steps"])
-    if steps is not None and int(steps) != k:
-        raise SamplerError(f"the student was distilled to sample in exactly {k} steps, not {steps}: leave --steps "
-                           f"out (or give --steps {k}), or use --sampler euler, heun or dpm2m for {steps} steps")
-    folded = float(info["cfg_scale"])
-    if cfg_scale is not None and abs(float(cfg_scale) - folded) > 1e-6:
-        raise SamplerError(f"the student has classifier-free guidance {folded:g} folded into its weights; it cannot "
-                           f"sample with scale {cfg_scale:g}. Leave --cfg-scale out, or use another sampler")
-    sig = torch.tensor(info["sigmas"], dtype=torch.float64)
-    return SamplerPlan("student", parts.student, "euler", sig, 1.0, k, sigmas_a=student_step_a_sigmas(sig))
-
-
-def student_step_a_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    """Step A's noise levels for a student of schedule ``sigmas`` (k + 1,): every other level and the last
-    (80, 1.12, 0 of the 4-step 80, 5, 1.12, 0.25, 0), so step A costs ceil(k / 2) calls.
-
-    Step A samples one view with its image known and no guidance (one call a step, where steps B and C evaluate 8
-    views a call): the 20-step spin spends 20 of its view evaluations there, and the student's own 4 steps would
-    put a fast spin just over a tenth of them. Measured on the 16 held-out heads at ``cpu`` (input view, 2 seeds):
-    normal error 15.5 deg for the 20-step teacher, 16.1 for the student's 4 levels, 17.7 for these 2, 21.4 for
-    80, 5, 0 and 25.4 for one call; the whole spin's figures with it: ``results/cpu/few_steps.json``.
-    """
-    k = len(sigmas) - 1
-    return sigmas[list(range(0, k, 2)) + [k]]
 
 
 @torch.no_grad()
@@ -525,7 +166,7 @@ def generate_views(model, profile: Profile, target_yaws, cond: torch.Tensor | No
     denoise = sampling.cfg_denoiser(model, cond_full, mask, rays.to(device), id_emb, scale=scale)
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for {B} samples: give one per sample")
-    sig = _sigmas(profile, steps) if sigmas is None else sigmas
+    sig = sampling.profile_sigmas(profile, steps) if sigmas is None else sigmas
     x = sampling.sample(denoise, cond_full.shape, sig, _gens(seeds), solver=solver,
                         cond=cond_full, mask=mask, device=device, progress=progress)
     return x[:, M:]
@@ -572,7 +213,7 @@ def infer_normals(model, profile: Profile, z_img: torch.Tensor, id_emb: torch.Te
         from .released import ddpm_sigmas
         sigmas = ddpm_sigmas(steps or profile.sample_steps)
     else:
-        sigmas = _sigmas(profile, steps)
+        sigmas = sampling.profile_sigmas(profile, steps)
     if method == "guidance":
         eta = sampling.stable_inpaint_step(sigmas) if step is None else step
         guide = sampling.ReconstructionGuidance(known, M, weight=None, step=eta)
@@ -682,90 +323,8 @@ def intermediates(model, profile: Profile, z_input: torch.Tensor, z_anchors: tor
 
 
 # ----------------------------------------------------------------------------------------------
-# the result
+# turntable yaws, decoding
 # ----------------------------------------------------------------------------------------------
-def _u8(x: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> uint8 (N, H, W, 3)."""
-    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-@dataclass
-class SpinResult:
-    """A generated spin. ``views`` (N, 3, H, W) RGB in [0, 1]; ``normals`` (N, 3, H, W) normal maps as images,
-    ``(n + 1) / 2`` with white background (``normal_vectors()`` gives unit vectors); ``yaw``, ``pitch`` (N,)
-    degrees; ``c2w`` (N, 4, 4) OpenCV camera-to-world; ``K`` (3, 3) pixel intrinsics. View 0 is the input."""
-    views: torch.Tensor
-    normals: torch.Tensor
-    yaw: torch.Tensor
-    pitch: torch.Tensor
-    c2w: torch.Tensor
-    K: torch.Tensor
-    input: torch.Tensor | None = None           # the framed input image (3, H, W)
-    latents: torch.Tensor | None = None         # (N, 8, h, w) [image | normal] latents
-    seconds: float = 0.0
-    info: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    def __repr__(self) -> str:
-        return (f"SpinResult({len(self)} views of {self.views.shape[-1]}x{self.views.shape[-2]}, yaw "
-                f"{float(self.yaw[0]):+.1f}..{float(self.yaw[-1]):+.1f} deg, {self.seconds:.1f} s)")
-
-    def normal_vectors(self) -> torch.Tensor:
-        """Unit camera-space normals (N, 3, H, W) decoded from the normal images."""
-        return F.normalize(self.normals * 2 - 1, dim=1)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The ``views.npz`` arrays: rgb, normal uint8 (N, H, W, 3); c2w (N, 4, 4), K (3, 3), yaw, pitch (N,)."""
-        return {"rgb": _u8(self.views), "normal": _u8(self.normals),
-                "c2w": self.c2w.float().cpu().numpy(), "K": self.K.float().cpu().numpy(),
-                "yaw": self.yaw.float().cpu().numpy(), "pitch": self.pitch.float().cpu().numpy()}
-
-    def frames(self, min_size: int = 128) -> list[np.ndarray]:
-        """Turntable frames: RGB and normals side by side, uint8 (H', 2 W', 3), upscaled to ``min_size``."""
-        a = self.arrays()
-        both = np.concatenate([a["rgb"], a["normal"]], axis=2)           # (N, H, 2W, 3)
-        k = max(1, math.ceil(min_size / both.shape[1]))
-        return list(both.repeat(k, axis=1).repeat(k, axis=2))
-
-    def save(self, folder: str | os.PathLike, gif: bool = True) -> Path:
-        """Write ``rgb/NNN.png``, ``normal/NNN.png``, ``views.npz``, ``turntable.gif`` and ``spin.json``."""
-        from PIL import Image
-
-        folder = Path(folder)
-        a = self.arrays()
-        for key in ("rgb", "normal"):
-            for i, im in enumerate(a[key]):
-                with atomic_path(folder / key / f"{i:03d}.png") as tmp:
-                    Image.fromarray(im).save(tmp, format="png")
-        with atomic_path(folder / "views.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **a)
-        if gif:
-            frames = self.frames()
-            write_gif(frames, folder / "turntable.gif", duration_ms=max(20, int(4000 / len(frames))))
-        write_json(folder / "spin.json", {"views": len(self), "yaw": self.yaw, "pitch": self.pitch,
-                                          "seconds": self.seconds, **self.info})
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> "SpinResult":
-        """Read a saved spin back from its ``views.npz``."""
-        path = Path(folder) / "views.npz"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: generate the spin first (spin(...).save or ensure_spin)")
-        with np.load(path) as z:
-            a = {k: z[k] for k in z.files}
-        img = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
-        info = {}
-        if (Path(folder) / "spin.json").exists():
-            info = json.loads((Path(folder) / "spin.json").read_text())
-        return cls(img(a["rgb"]), img(a["normal"]), torch.from_numpy(a["yaw"]), torch.from_numpy(a["pitch"]),
-                   torch.from_numpy(a["c2w"]), torch.from_numpy(a["K"]), seconds=float(info.get("seconds", 0.0)),
-                   info=info)
-
-
 def spin_yaws(n_views: int, input_yaw: float = 0.0) -> torch.Tensor:
     """The turntable yaws (N,): ``input_yaw + 360 i / N`` wrapped to [-180, 180)."""
     if int(n_views) < 1:
@@ -784,17 +343,18 @@ def decode_latents(codec, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # the entry point
 # ----------------------------------------------------------------------------------------------
-def _resolve_parts(run, profile, parts, model, codec, encoder, device, progress) -> SpinParts:
+def _resolve_parts(run, profile: Profile, parts, model, codec, encoder, device, progress) -> SpinParts:
+    """The parts a spin samples with: ``parts``; else the injected ``model``, ``codec``, ``encoder``; else the
+    run's (a run of ``profile`` opened here when none is given), with any injected part in place of its own."""
     if parts is not None:
         return parts
     if model is not None and codec is not None and encoder is not None:
-        p = run.profile if run is not None else get_profile(profile or os.environ.get("SMR_PROFILE") or "cpu")
-        return SpinParts(model, codec, encoder, p)
+        return SpinParts(model, codec, encoder, run.profile if run is not None else profile)
     if run is None:
-        run = Run.open(profile or "", "", notebook="spin", device=device or "")
+        run = Run.open(profile.name, "", notebook="spin", device=device or "")
     base = SpinParts.from_run(run, progress=progress)
     return SpinParts(model or base.model, codec or base.codec, encoder or base.encoder, run.profile,
-                     "injected" if model is not None else base.source)
+                     "injected" if model is not None else base.source, base.student, base.student_source)
 
 
 @torch.no_grad()
@@ -840,13 +400,11 @@ def spin(image_or_path, n_views: int = 48, run: Run | None = None, profile: str 
     if on_input is not None:
         on_input(img, {"framing": framing, **face})
     if sampler == "student" and parts is None and model is None:    # a missing student stops before any training
-        from .distill import find_student
-
         if run is None:
             run = Run.open(P.name, "", notebook="spin", device=device or "")
         if find_student(run)[0] is None:
             plan_sampler(SpinParts(None, None, None, run.profile), "student")      # raises SamplerError
-    parts = _resolve_parts(run, P.name, parts, model, codec, encoder, device, progress)
+    parts = _resolve_parts(run, P, parts, model, codec, encoder, device, progress)
     P = parts.profile
     plan = plan_sampler(parts, sampler, steps, cfg_scale)
     m, sig, solver = plan.model, plan.sigmas, plan.solver

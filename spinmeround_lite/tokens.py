@@ -139,12 +139,13 @@ class IdentityContext(nn.Module):
 
     def __init__(self, source: Profile | str | os.PathLike, prompt: str = PROMPT):
         super().__init__()
-        if isinstance(source, Profile) or source in PROFILES:
-            profile = get_profile(source)
+        if not isinstance(source, Profile) and source in PROFILES:
+            source = get_profile(source)                                   # a profile's name
+        if isinstance(source, Profile):
             self.tokenizer = course_tokenizer()
-            self.text_model = small_text_model(profile, len(self.tokenizer), self.tokenizer.bos_token_id,
+            self.text_model = small_text_model(source, len(self.tokenizer), self.tokenizer.bos_token_id,
                                                self.tokenizer.eos_token_id)
-            self.source = f"profile:{profile.name}"
+            self.source = f"profile:{source.name}"
         else:
             self.tokenizer, self.text_model = load_pretrained_parts(source)
             self.source = str(source)

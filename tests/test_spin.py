@@ -418,6 +418,20 @@ def test_student_samples_in_its_steps_with_one_call_each(student_parts):
                 steps=2).info["network"] == net
 
 
+def test_a_runs_student_reaches_its_spin(student_parts, tmp_path, monkeypatch):
+    """spin(run=..., sampler="student") samples with the run's student (the command line's path): the parts
+    built from the run keep their student."""
+    from spinmeround_lite import spinning as S
+    from spinmeround_lite.runs import Run
+
+    run = Run("test", tmp_path / "run", device="cpu")
+    monkeypatch.setattr(S, "find_student", lambda r: (student_parts.student, "a student on disk"))
+    monkeypatch.setattr(S.SpinParts, "from_run", classmethod(lambda cls, r, progress=True: student_parts))
+    res = spin(render_like(), n_views=8, run=run, align=False, progress=False, sampler="student")
+    assert res.info["sampler"] == "student" and res.info["model_source"] == "injected student"
+    assert res.info["network"]["B"]["calls"] == 2
+
+
 def test_step_a_of_a_student_takes_every_other_level_and_the_last():
     from spinmeround_lite.spinning import student_step_a_sigmas
 
