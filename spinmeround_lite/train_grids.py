@@ -27,12 +27,14 @@ def smooth(values: list[float], window: int) -> np.ndarray:
 
 
 def plot_loss(losses: list[float], path: Path, title: str = "EDM training loss") -> Path:
-    """The loss curve (per step and a running mean) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """The loss curve (per step and a running mean) as a PNG.
 
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    Drawn on a ``matplotlib.figure.Figure`` of its own, without pyplot: the caller's backend (a notebook's inline
+    one) stays as it is, and nothing is left open."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2), dpi=100)
+    ax = fig.subplots()
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
     ax.plot(steps, smooth(losses, max(1, len(losses) // 20)), lw=1.8, label="running mean")
@@ -45,7 +47,6 @@ def plot_loss(losses: list[float], path: Path, title: str = "EDM training loss")
     from .runs import atomic_path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return Path(path)
 
 

@@ -267,3 +267,18 @@ def test_seen_views_check_measures_training_heads_at_their_own_cameras(run, data
     assert r["normal_err_deg"] > r["ceiling_normal_err_deg"]
     with pytest.raises(ValueError, match="split"):
         T.GridMaker(data, codec, split="test")
+
+
+def test_the_loss_curve_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """plot_loss draws without pyplot: a notebook's inline backend stays (it was switched to Agg, so every figure
+    a notebook drew after training showed nothing)."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt\n"
+            "from spinmeround_lite.train_grids import plot_loss\n"
+            f"p = plot_loss([1.0, 0.5, 0.25], __import__('pathlib').Path({str(tmp_path / 'loss.png')!r}))\n"
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+            "assert plt.get_fignums() == [] and p.read_bytes()[:8] == b'\\x89PNG\\r\\n\\x1a\\n'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
