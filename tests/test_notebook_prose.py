@@ -40,7 +40,6 @@ ALLOWED_DECIMALS: dict[str, str] = {
     "1.414": "the released code's sqrt 2",
     "3.5": "a camera radius of an exercise; the released guidance scale",
     "21.6": "2^3 times the radius 2.7 (solution 02)",
-    "2.4": "period in latent pixels of the direction band 2^7 at 16x16 latents",
     # yaws of the protocol and the spin (360 / 16, 360 / 32, 360 / 48 and their multiples)
     "22.5": "360 / 16 degrees", "11.25": "360 / 32 degrees", "7.5": "360 / 48 degrees", "-7.5": "360 / 48 degrees",
     "37.5": "5 x 7.5 degrees",
