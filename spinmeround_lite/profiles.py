@@ -152,7 +152,7 @@ PROFILES: dict[str, Profile] = {
         ray_origin_min_freq_log2=-11, ray_dir_min_freq_log2=-1,
         id_input_res=32, id_width=16, id_eval_width=24, id_train_steps=400, id_batch=64,
         text_hidden=64, text_layers=2, text_heads=2,
-        vae_channels=(32, 64, 64), vae_steps=3500, vae_batch=16, vae_lr=1e-3,   # reference/cpu/vae's recipe
+        vae_channels=(32, 64, 64), vae_steps=3500, vae_batch=16, vae_lr=1e-3,   # reference/cpu/vae: batch, rate
         unet_channels=(64, 128, 128), unet_head_dim=32,
         views_per_sample=8, train_steps=300, batch_size=2, lr=6e-4, checkpoint_every=100, sample_every=100,
         use_reference=True,

@@ -67,7 +67,13 @@ from .raymaps import profile_raymap
 from .runs import Run
 from .spin_result import SpinResult
 from .spin_samplers import (  # noqa: F401
-    SAMPLERS, SamplerError, SamplerPlan, plan_sampler, sampler_sigmas, student_step_a_sigmas)
+    SAMPLERS,
+    SamplerError,
+    SamplerPlan,
+    plan_sampler,
+    sampler_sigmas,
+    student_step_a_sigmas,
+)
 
 IMAGE_CHANNELS = slice(0, 4)         # latent channels of the image
 NORMAL_CHANNELS = slice(4, 8)        # latent channels of the normal map
