@@ -165,3 +165,13 @@ def test_extra_heldout_heads_come_from_a_range_no_training_set_reaches(tmp_path)
     assert set(D.heldout_names(base)) < set(held)
     with np.load(tmp_path / "id500000.npz") as z, np.load(tmp_path / "id00000.npz") as z0:
         assert z["rgb"].shape == (6, 16, 16, 3) and not np.array_equal(z["params"], z0["params"])
+
+
+def test_training_identities_of_a_fresh_run_folder_are_its_train_split(tmp_path):
+    """Notebook 09 run alone in a new folder asks for the training identities before anything was built: the
+    protocol builds the dataset first, so the leakage guard knows the train split (it was empty)."""
+    from spinmeround_lite.eval_protocol import training_identities
+    run = Run(TINY, tmp_path / "run", device="cpu")
+    seen = training_identities(run)
+    meta = json.loads((run.data_dir / "dataset.json").read_text())
+    assert seen and seen == set(meta["splits"]["train"])
