@@ -208,16 +208,16 @@ def student_grid(student, grid, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 def distill(run: Run, steps: int = 3000, out: str | os.PathLike | None = None, k: int = STUDENT_STEPS,
             batch_size: int | None = None, lr: float = 1e-4, ema_decay: float = 0.995, substeps: int = SUBSTEPS,
             checkpoint_every: int = 100, sample_every: int = 250, resume: bool = True, progress: bool = True,
-            stop_after: int | None = None, teacher: SpinModel | None = None) -> dict:
+            stop_after: int | None = None, teacher: SpinModel | None = None, warmup: int = 50) -> dict:
     """Distil the run's multi-view model into a ``k``-step student in ``out`` (default ``models/student``).
 
     The teacher is ``train.ensure_model(run)`` (``reference/<profile>/spin`` where the profile uses it) unless
     given; the student starts from its weights. ``steps`` optimizer steps of ``batch_size`` samples (default the
-    profile's), AdamW at ``lr`` (after a 50-step warm-up), EMA ``ema_decay``. Checkpoints every ``checkpoint_every``
-    steps under ``out/checkpoints`` (a run killed and started again continues from the newest one); grids of
-    held-out heads (student beside the teacher's 20 Euler steps) every ``sample_every`` steps under ``out/samples``;
-    ``out/log.jsonl`` one line per step. When all steps are done, ``out`` holds the student's EMA weights,
-    ``config.json`` (with its ``student`` entry), ``loss.png`` and ``COMPLETE``.
+    profile's), AdamW at ``lr`` after a linear warm-up of ``warmup`` steps, EMA ``ema_decay``. Checkpoints every
+    ``checkpoint_every`` steps under ``out/checkpoints`` (a run killed and started again continues from the newest
+    one); grids of held-out heads (student beside the teacher's 20 Euler steps) every ``sample_every`` steps under
+    ``out/samples``; ``out/log.jsonl`` one line per step. When all steps are done, ``out`` holds the student's EMA
+    weights, ``config.json`` (with its ``student`` entry), ``loss.png`` and ``COMPLETE``.
     """
     import copy
 
@@ -269,7 +269,7 @@ def distill(run: Run, steps: int = 3000, out: str | os.PathLike | None = None, k
             break
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50)
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
         b = distill_batch(data, step, run.seed, B, p.cfg_scale, schedule)
         target = teacher_target(teacher, b, schedule, substeps, device)
         loss = distill_loss(student, b, target, schedule, device)

@@ -188,14 +188,18 @@ def generate_case(parts, case: EvalCase, variant: Variant = FULL, seed: int = 0,
 
 
 def model_method(parts, variant: Variant = FULL, seed: int = 0, steps: int | None = None,
-                 sampler: str = "euler", work: list | None = None) -> Method:
+                 sampler: str = "euler", work: list | None = None, reuse: dict | None = None) -> Method:
     """A ``Method`` that samples with the model of ``parts``; case ``k`` uses seed ``seed + 1000 k``.
     ``sampler``, ``steps``: as ``spin`` takes them. ``work`` (a list) receives each case's network counts and
-    seconds."""
+    seconds. ``reuse`` maps ``(k, identity)`` to a ``generate_case`` output already made with the same arguments
+    (notebook 09 shows its first case before scoring them all): returned instead of sampling it again."""
     counter = {"k": 0}
 
     def method(case: EvalCase) -> dict:
-        out = generate_case(parts, case, variant, seed + 1000 * counter["k"], steps, sampler=sampler)
+        k = counter["k"]
+        done = (reuse or {}).get((k, case.identity))
+        out = done if done is not None else generate_case(parts, case, variant, seed + 1000 * k, steps,
+                                                          sampler=sampler)
         counter["k"] += 1
         if work is not None:
             work.append({"network": out["network"], "seconds": out["seconds"]})

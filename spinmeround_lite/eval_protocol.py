@@ -82,7 +82,8 @@ def training_identities(run: Run | None = None, dataset_root: str | os.PathLike 
     run, and of ``manifests``)."""
     ids: set[str] = set()
     if dataset_root is None and run is not None:
-        from .dataset import ensure_dataset             # a fresh run folder: its train split is what training will see
+        # a fresh run folder (notebook 09 alone): build the dataset, whose train split is what training will see
+        from .dataset import ensure_dataset
         ensure_dataset(run)
     root = Path(dataset_root) if dataset_root else (run.data_dir if run is not None else None)
     if root is not None and (root / "dataset.json").exists():

@@ -199,6 +199,20 @@ def test_generate_case_matches_spin_and_variants_have_the_right_shapes(parts, on
     assert not torch.allclose(outs["no_identity"]["rgb"][1:], full["rgb"][1:])  # the identity changes the views
 
 
+def test_model_method_reuses_a_case_already_generated_and_keeps_the_seeds(parts, one_thread):
+    """Notebook 09 shows its first case, then scores all: the first is reused (not sampled again) and the second
+    still gets seed + 1000 (the figures equal those of a method that sampled both)."""
+    a, b = _fake_case(2, 0), _fake_case(2, 1)
+    plain = E.model_method(parts, E.FULL, seed=3, steps=1)
+    want = [plain(a), plain(b)]
+    marker = {**want[0], "rgb": want[0]["rgb"].clone()}
+    reusing = E.model_method(parts, E.FULL, seed=3, steps=1, reuse={(0, a.identity): marker})
+    got = [reusing(a), reusing(b)]
+    assert got[0] is marker
+    assert torch.allclose(got[1]["rgb"], want[1]["rgb"], atol=1e-6)
+    assert not torch.allclose(got[1]["rgb"][1:], E.generate_case(parts, b, E.FULL, seed=3, steps=1)["rgb"][1:])
+
+
 def test_attention_2d_switches_3d_attention_off_and_back(parts):
     unet = parts.model.unet
     before = set(unet.levels_3d)
