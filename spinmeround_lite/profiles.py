@@ -371,7 +371,7 @@ def dry_run_overrides(profile: "str | Profile") -> dict:
          "extra_heldout_identities": 0, "id_train_steps": 2, "id_batch": min(p.id_batch, 32),
          "vae_steps": 2, "vae_batch": 2, "vae_decoder_steps": 2 if p.vae_decoder_steps else 0,
          "train_steps": 2, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "sample_every": 2,
-         "stage1_fraction": 0.5, "use_reference": False, "sample_steps": 2, "spin_views": 16, "check_heads": 1,
+         "stage1_fraction": 0.5, "use_reference": False, "sample_steps": 2, "spin_views": 16, "check_heads": 2,
          "splat_iters": 10, "splat_init_gaussians": min(p.splat_init_gaussians, 1000), "eval_identities": 1,
          "eval_angles": 4, "ablation_steps": 2}
     if p.mixed_precision in ("auto", "bf16"):

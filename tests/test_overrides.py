@@ -177,6 +177,7 @@ def test_dry_run_keeps_sizes_cuts_counts_and_says_it_everywhere(tmp_path):
     assert dry.mixed_precision == "bf16" and dry.dry_run
     assert (dry.train_steps, dry.sample_steps, dry.eval_identities) == (2, 2, 1)
     assert dry.identities < gpu.identities and dry.heldout_identities >= dry.check_heads
+    assert dry.check_heads >= 2                       # notebook 07's identity swap gives head b+1's view to head b
     colab = apply_overrides("colab", dry_run_overrides("colab"))
     assert colab.mixed_precision == "fp16" and any("fp16" in n for n in not_exercised("colab"))
     assert any("gsplat" in n for n in not_exercised("gpu"))
