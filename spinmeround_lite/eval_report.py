@@ -9,7 +9,7 @@ from typing import Iterable
 import numpy as np
 
 from .eval_scoring import METRICS
-from .eval_stats import BOOTSTRAP, comparisons, paired_bootstrap
+from .eval_stats import BOOTSTRAP, REFERENCE_ROWS, comparisons, paired_bootstrap
 
 METRIC_LABELS = {"l2": "L2 ↓", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "id_sim_cond": "ID cond ↑",
                  "id_sim_eval": "ID eval ↑", "normal_angle_err_deg": "Normal err ° ↓", "face_found": "face found"}
@@ -23,6 +23,7 @@ PAPER_TABLE = {
 PAPER_ABLATION_NOTE = ("The paper reports the full model best on L2, LPIPS and SSIM against the same three "
                        "ablations (no input image, no identity embedding, no normal generation).")
 ABLATION_LABELS = {"full_same_budget": "**full model, ablation budget**",
+                   "full_same_heads": "**full model, the ablations' heads**",
                    "no_input_image": "w/o input image (identity only)", "no_identity": "w/o identity embedding",
                    "no_normals": "w/o normal generation (image only)"}
 BASELINE_LABELS = {"copy_input": "input view copied to every angle", "mean_head": "mean training head",
@@ -73,7 +74,7 @@ def results_table(results: dict, profile: str, note: str = "") -> str:
                      + " | ".join(_fmt(results["autoencoder"].get(c)) for c in cols) + " |")
     if results.get("ablations"):
         lines += ["", "### Ablations (paper: full model best on L2, LPIPS, SSIM)", "", head]
-        if model and "full_same_budget" not in results["ablations"]:
+        if model and not set(REFERENCE_ROWS) & set(results["ablations"]):
             lines.append(f"| **full model** | {model.get('source', '')} | "
                          + " | ".join(_fmt(model.get(c)) for c in cols) + " |")
         for name, row in results["ablations"].items():

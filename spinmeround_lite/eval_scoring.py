@@ -109,6 +109,32 @@ def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name:
     return res
 
 
+def restrict_row(row: dict, n: int, source: str | None = None) -> dict:
+    """``row`` (as ``evaluate_method`` returns it) on its first ``n`` identities only: the means, per-angle and
+    per-identity figures recomputed from its identity x angle tables, nothing sampled again. For comparing the
+    run's model with methods evaluated on fewer of the same heads (notebook 09's ablations at ``cpu``)."""
+    if n >= row.get("n_identities", 0):
+        return row
+    out = {k: v for k, v in row.items() if k not in ("table", "per_angle", "per_identity", "views")}
+    out.update(n_identities=n, source=source or f"{row.get('source', '')}, its first {n} heads",
+               per_angle={"yaw": row["per_angle"]["yaw"]}, per_identity={}, table={},
+               views=(row.get("views") or [])[:n])
+    for m in METRICS:
+        table = (row.get("table") or {}).get(m)
+        if table is None:
+            out["per_angle"][m] = None
+            continue
+        t = np.asarray(table[:n], dtype=np.float64)
+        out[m] = float(t.mean())
+        out["per_angle"][m] = t.mean(0).tolist()
+        out["per_identity"][m] = t.mean(1).tolist()
+        out["table"][m] = t.tolist()
+    novel = [a for a, y in enumerate(out["per_angle"]["yaw"]) if abs(y) > 1e-6]
+    out["novel_views"] = {m: (None if out["per_angle"][m] is None or not novel
+                              else float(np.mean([out["per_angle"][m][a] for a in novel]))) for m in METRICS}
+    return out
+
+
 def strip_views(result: dict) -> dict:
     """``result`` without the generated views (JSON-friendly); nested method dicts too."""
     if not isinstance(result, dict):

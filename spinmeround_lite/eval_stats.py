@@ -10,6 +10,19 @@ import numpy as np
 from .eval_scoring import LOWER_IS_BETTER, METRICS
 
 BOOTSTRAP = 2000         # resamples of the identities for every interval
+# rows of the ablation group that are the full model the ablations are compared with, not ablations: the full model
+# trained with the ablations' budget, or the run's model on the heads the ablations ran on
+REFERENCE_ROWS = ("full_same_budget", "full_same_heads")
+
+
+def ablation_reference(results: dict) -> tuple[str | None, dict]:
+    """The full model the ablations are compared with: ``(name, row)`` of a ``REFERENCE_ROWS`` entry of
+    ``results["ablations"]`` when there is one, else ``(None, results["model"])``."""
+    abl = results.get("ablations") or {}
+    for name in REFERENCE_ROWS:
+        if name in abl:
+            return name, abl[name]
+    return None, results.get("model") or {}
 
 
 def paired_bootstrap(a, b, n_boot: int = BOOTSTRAP, seed: int = 0, level: float = 0.95) -> dict:
@@ -55,13 +68,14 @@ def compare(model: dict, other: dict, metrics_: Iterable[str] = METRICS, seed: i
 
 
 def comparisons(results: dict, seed: int = 0) -> dict:
-    """``compare`` of the full model with every baseline, and of the full model (``full_same_budget`` where
-    present) with every ablation: ``{"baselines": {name: {...}}, "ablations": {name: {...}}}``."""
+    """``compare`` of the full model with every baseline, and of the full model (``ablation_reference``: the one
+    with the ablations' budget or on their heads, where present) with every ablation: ``{"baselines": {name:
+    {...}}, "ablations": {name: {...}}}``."""
     model = results.get("model") or {}
     abl = results.get("ablations") or {}
-    ref = abl.get("full_same_budget", model)
+    _, ref = ablation_reference(results)
     return {"baselines": {n: compare(model, r, seed=seed) for n, r in (results.get("baselines") or {}).items()},
-            "ablations": {n: compare(ref, r, seed=seed) for n, r in abl.items() if n != "full_same_budget"}}
+            "ablations": {n: compare(ref, r, seed=seed) for n, r in abl.items() if n not in REFERENCE_ROWS}}
 
 
 def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
@@ -69,22 +83,25 @@ def ordering_report(results: dict, metrics_: tuple = ("l2", "ssim")) -> dict:
 
     "Beats" is statistical where the per-identity tables are there: the 95 % paired bootstrap interval of the
     difference (``comparisons``) excludes 0 on the full model's side; otherwise the means are compared.
-    Baselines are compared with the run's model; ablations with ``full_same_budget`` when present (the full
-    model trained with the ablations' budget), else with the run's model.
+    Baselines are compared with the run's model; ablations with ``ablation_reference``: ``full_same_budget``
+    (the full model trained with the ablations' budget) or ``full_same_heads`` (the run's model on the heads the
+    ablations ran on) when present, else the run's model.
     -> ``{"baselines": {name: {metric: bool or None}}, "ablations": {...}, "all_ok": bool, "baselines_ok": bool,
     "ablations_ok": bool, "note": one sentence per group, "stats": comparisons(results)}``.
     """
     stats = comparisons(results)
     model = results.get("model") or {}
-    abl = results.get("ablations", {}) or {}
     rep: dict = {"baselines": {}, "ablations": {}}
     fails: dict = {"baselines": [], "ablations": []}
     means_only: dict = {"baselines": False, "ablations": False}
+    ref_name, ab_ref = ablation_reference(results)
     who = {"baselines": "the full model",
-           "ablations": "the full model (ablation budget)" if "full_same_budget" in abl else "the full model"}
-    for group, ref in (("baselines", model), ("ablations", abl.get("full_same_budget", model))):
+           "ablations": {"full_same_budget": "the full model (ablation budget)",
+                         "full_same_heads": f"the full model (on the ablations' {ab_ref.get('n_identities')} heads)"
+                         }.get(ref_name, "the full model")}
+    for group, ref in (("baselines", model), ("ablations", ab_ref)):
         for name, row in (results.get(group) or {}).items():
-            if name == "full_same_budget":
+            if name in REFERENCE_ROWS:
                 continue
             rep[group][name] = {}
             for m in metrics_:

@@ -91,12 +91,15 @@ from .eval_scoring import (  # noqa: F401
     Method,
     evaluate_method,
     evaluation_encoders,
+    restrict_row,
     score_views,
     strip_views,
     unavailable,
 )
 from .eval_stats import (  # noqa: F401
     BOOTSTRAP,
+    REFERENCE_ROWS,
+    ablation_reference,
     compare,
     comparisons,
     ordering_report,
@@ -147,12 +150,19 @@ def evaluate_all(run: Run, n_identities: int | None = None, n_angles: int | None
 
 
 def evaluate_ablations(run: Run, cases: list[EvalCase], parts, encoders: dict, lpips_path=None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, n_identities: int | None = None, model_row: dict | None = None) -> dict:
     """Each ablation of ``ABLATION_VARIANTS`` (trained with ``profile.ablation_steps`` or from reference
     checkpoints), plus ``full_same_budget`` (the full model with the ablations' budget) when the run's model was
-    trained with another budget, so the ablation table compares like with like."""
+    trained with another budget, so the ablation table compares like with like.
+
+    ``n_identities``: evaluate the ablations on the first that many of ``cases`` only (default all; notebook 09 at
+    ``cpu`` takes 2 of its 4 to hold the course's time). The full model they are compared with is then
+    ``full_same_heads``: ``model_row`` (the run's model on all ``cases``) cut to the same heads (``restrict_row``,
+    nothing sampled again), or sampled on them when no ``model_row`` is given."""
     from .spinning import SpinParts
 
+    n_all = len(cases)
+    cases = cases[:n_identities] if n_identities else cases
     out: dict = {}
     budgets = set()
     main_steps = trained_steps(parts.model)
@@ -173,6 +183,14 @@ def evaluate_ablations(run: Run, cases: list[EvalCase], parts, encoders: dict, l
     if main_steps is None or budgets - {main_steps} or (not budgets and main_steps != ablation_steps(run)):
         one("full_same_budget", FULL)
         out = {"full_same_budget": out.pop("full_same_budget"), **out}
+    elif len(cases) < n_all:
+        if model_row is not None:
+            same = restrict_row(model_row, len(cases))
+        else:
+            same = evaluate_method(cases, model_method(parts, FULL, run.seed), encoders, "full model",
+                                   describe_source(parts.source, parts.model), lpips_path=lpips_path,
+                                   progress=progress)
+        out = {"full_same_heads": same, **out}
     return out
 
 
@@ -191,9 +209,10 @@ def write_results(run: Run, results: dict, note: str = "") -> dict:
                      "a model trained this little (or measured on this few heads) is not expected to beat the "
                      "baselines.")
         if note and not ordering.get("ablations_ok", True):
-            same = (results.get("ablations") or {}).get("full_same_budget") or model
+            same = ablation_reference(results)[1]
+            ab_heads = f"{same.get('n_identities', '?')} identities x {protocol.get('n_angles', '?')} angles"
             note += (f" The ablations and the full model they are compared with: {same.get('source', '?')} each, "
-                     f"{heads}; the ordering is measured at this budget only (the paper's models start from large "
+                     f"{ab_heads}; the ordering is measured at this budget only (the paper's models start from large "
                      "pretrained networks).")
     table = results_table(results, run.profile.name, note)
     md = run.path("results_table.md")

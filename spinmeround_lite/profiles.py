@@ -154,7 +154,7 @@ PROFILES: dict[str, Profile] = {
         text_hidden=64, text_layers=2, text_heads=2,
         vae_channels=(32, 64, 64), vae_steps=3500, vae_batch=16, vae_lr=1e-3,   # reference/cpu/vae: batch, rate
         unet_channels=(64, 128, 128), unet_head_dim=32,
-        views_per_sample=8, train_steps=200, batch_size=2, lr=6e-4, checkpoint_every=100, sample_every=100,
+        views_per_sample=8, train_steps=150, batch_size=2, lr=6e-4, checkpoint_every=75, sample_every=75,
         use_reference=True,
         sample_steps=20, spin_views=48,
         dpm_rho=10.0, dpm_sigma_min=0.05,     # measured: tools/schedule_sweep.py, results/cpu/dpm_schedule.json

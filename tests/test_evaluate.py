@@ -1,6 +1,7 @@
 """The evaluation protocol: held-out identities only, true views, baselines, scoring, the table."""
 
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -454,3 +455,51 @@ def test_sampler_results_merge_and_compare_with_the_reference():
         merge_sampler_results([part("euler20", base, 2900), other], "euler20")
     with pytest.raises(ValueError, match="no row"):
         merge_sampler_results([part("fast", base, 290)], "euler20")
+
+
+# ------------------------------------------------------------------------------ ablations on fewer heads
+
+def test_restrict_row_recomputes_every_figure_from_the_first_heads():
+    cases = [_fake_case(4, s) for s in range(3)]
+    enc = {"cond": _ProjectionEncoder(0), "eval": _ProjectionEncoder(1)}
+    noisy = lambda case: {"rgb": (case.rgb + 0.05 * torch.randn_like(case.rgb)).clamp(0, 1), "normal": case.normal}
+    torch.manual_seed(0)
+    full = E.evaluate_method(cases, noisy, enc, "noisy", progress=False)
+    torch.manual_seed(0)
+    direct = E.evaluate_method(cases[:2], noisy, enc, "noisy", progress=False)   # the same draws for heads 0, 1
+    cut = E.restrict_row(full, 2)
+    assert cut["n_identities"] == 2 and full["n_identities"] == 3 and "first 2 heads" in cut["source"]
+    for m in ("l2", "ssim", "id_sim_eval", "normal_angle_err_deg"):
+        assert cut[m] == pytest.approx(direct[m], abs=1e-12), m
+        assert cut["per_angle"][m] == pytest.approx(direct["per_angle"][m], abs=1e-12), m
+        assert cut["novel_views"][m] == pytest.approx(direct["novel_views"][m], abs=1e-12), m
+        assert cut["table"][m] == full["table"][m][:2]
+    assert cut[m] != pytest.approx(full[m], abs=1e-9)                  # the third head did count before
+    assert E.restrict_row(full, 3) is full
+
+
+def test_ablations_on_fewer_heads_are_compared_with_the_model_on_those_heads(parts, monkeypatch, one_thread):
+    """Notebook 09 at cpu: ablations on 2 of the heads; the full model's row cut to the same heads is the reference
+    of their comparisons and their table (a model ahead on the other heads only must not count)."""
+    import spinmeround_lite.evaluate as ev
+    monkeypatch.setattr(ev, "ensure_ablation", lambda run, name, progress=True: (parts.model, f"stand-in {name}"))
+    monkeypatch.setattr(ev, "trained_steps", lambda model: 100)       # the ablations' budget is the model's
+    cases = [_fake_case(2, s) for s in range(3)]
+    enc = {"cond": _ProjectionEncoder(0), "eval": _ProjectionEncoder(1)}
+    model_row = E.evaluate_method(cases, E.model_method(parts, E.FULL, 0, steps=1), enc, "full model", "m",
+                                  progress=False)
+    run = Run("test", Path(tempfile.mkdtemp()) / "run", device="cpu")
+    abl = E.evaluate_ablations(run, cases, parts, enc, progress=False, n_identities=2, model_row=model_row)
+    assert list(abl)[0] == "full_same_heads" and abl["full_same_heads"]["n_identities"] == 2
+    assert all(abl[n]["n_identities"] == 2 for n in E.ABLATION_VARIANTS)
+    res = {"model": model_row, "baselines": {}, "ablations": abl}
+    st = E.comparisons(res)["ablations"]
+    assert set(st) == set(E.ABLATION_VARIANTS) and st["no_identity"]["l2"] is not None    # shapes match: 2 heads
+    assert E.ablation_reference(res)[0] == "full_same_heads"
+    rep = E.ordering_report(res)
+    assert rep["ablations_ok"] or "on the ablations' 2 heads" in rep["note"]
+    md = E.results_table(res, "test")
+    assert "full model, the ablations' heads" in md and md.count("ours: full model") == 1
+    # all heads: no reference row of its own
+    abl_all = E.evaluate_ablations(run, cases[:2], parts, enc, progress=False, model_row=model_row)
+    assert "full_same_heads" not in abl_all
