@@ -95,18 +95,28 @@ def evaluate_method(cases: list[EvalCase], method: Method, encoders: dict, name:
             res[f"{m}_reason"] = reasons.get(m, "not measured")
             res["per_angle"][m] = None
             continue
-        table = torch.stack(per[m]).double()                     # (n_identities, A)
-        res[m] = float(table.mean())
-        res["per_angle"][m] = table.mean(0).tolist()
-        res["per_identity"][m] = table.mean(1).tolist()
-        res.setdefault("table", {})[m] = table.tolist()         # identity x angle, for paired intervals
+        _set_figures(res, m, torch.stack(per[m]).double())      # (n_identities, A)
     res["lpips_reason"] = reasons.get("lpips")                   # always present: None when LPIPS is measured
     # the same means without the input's own angle (yaw 0), where methods that keep the input are exact
+    _set_novel_views(res)
+    res["views"] = views
+    return res
+
+
+def _set_figures(res: dict, m: str, table: torch.Tensor) -> None:
+    """``res``'s figures of metric ``m`` from its (n_identities, A) float64 ``table``: the overall mean, the
+    per-angle and per-identity means, and the table itself (identity x angle, for paired intervals)."""
+    res[m] = float(table.mean())
+    res["per_angle"][m] = table.mean(0).tolist()
+    res["per_identity"][m] = table.mean(1).tolist()
+    res.setdefault("table", {})[m] = table.tolist()
+
+
+def _set_novel_views(res: dict) -> None:
+    """The per-angle means without the input's own angle (yaw 0), where methods that keep the input are exact."""
     novel = [a for a, y in enumerate(res["per_angle"]["yaw"]) if abs(y) > 1e-6]
     res["novel_views"] = {m: (None if res["per_angle"][m] is None or not novel
                               else float(np.mean([res["per_angle"][m][a] for a in novel]))) for m in METRICS}
-    res["views"] = views
-    return res
 
 
 def restrict_row(row: dict, n: int, source: str | None = None) -> dict:
@@ -117,21 +127,14 @@ def restrict_row(row: dict, n: int, source: str | None = None) -> dict:
         return row
     out = {k: v for k, v in row.items() if k not in ("table", "per_angle", "per_identity", "views")}
     out.update(n_identities=n, source=source or f"{row.get('source', '')}, its first {n} heads",
-               per_angle={"yaw": row["per_angle"]["yaw"]}, per_identity={}, table={},
-               views=(row.get("views") or [])[:n])
+               per_angle={"yaw": row["per_angle"]["yaw"]}, per_identity={}, views=(row.get("views") or [])[:n])
     for m in METRICS:
         table = (row.get("table") or {}).get(m)
         if table is None:
             out["per_angle"][m] = None
             continue
-        t = np.asarray(table[:n], dtype=np.float64)
-        out[m] = float(t.mean())
-        out["per_angle"][m] = t.mean(0).tolist()
-        out["per_identity"][m] = t.mean(1).tolist()
-        out["table"][m] = t.tolist()
-    novel = [a for a, y in enumerate(out["per_angle"]["yaw"]) if abs(y) > 1e-6]
-    out["novel_views"] = {m: (None if out["per_angle"][m] is None or not novel
-                              else float(np.mean([out["per_angle"][m][a] for a in novel]))) for m in METRICS}
+        _set_figures(out, m, torch.tensor(table[:n], dtype=torch.float64))
+    _set_novel_views(out)
     return out
 
 
